@@ -1,0 +1,72 @@
+"""Image decoding and resizing: the only place that touches image files.
+
+Images are handled as ``np.ndarray (H, W, 3) uint8 RGB``. Decoding goes through PIL with the EXIF
+orientation applied (phone photos store a rotation tag instead of rotated pixels) and every mode
+(L, P, RGBA, CMYK, I;16 ...) converted to RGB. A corrupt or truncated file raises ``DataError``
+naming it, instead of the silent gray fill some loaders fall back to.
+
+Resizing uses PIL bilinear everywhere (letterbox, mosaic tiles, synthetic data) so that training,
+evaluation and calibration see the same interpolation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from repquant.errors import DataError
+
+IMAGE_SUFFIXES = (".bmp", ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp")
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    """Fully decoded RGB PIL image with EXIF orientation applied; DataError naming ``path`` otherwise."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (instead of failing) on some broken EXIF blocks; a warning is not corruption.
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                img.load()  # decode every byte now: a truncated JPEG fails here, not mid-training
+                img = ImageOps.exif_transpose(img)
+                if img.mode != "RGB":
+                    # L, P, RGBA, CMYK ...: convert (alpha is dropped, as cv2.imread does).
+                    img = img.convert("RGB")
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image file not found") from err
+    except _DECODE_ERRORS as err:
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+    if img.width < 2 or img.height < 2:
+        raise DataError(f"{path}: image is {img.width}x{img.height} pixels, too small")
+    return img
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file.
+
+    Returns:
+        ``(H, W, 3) uint8`` RGB array, EXIF orientation applied.
+
+    Raises:
+        DataError: the file is missing, corrupt, truncated or not an image.
+    """
+    return np.asarray(_open_rgb(Path(path)), dtype=np.uint8)
+
+
+def probe_image(path: str | Path) -> tuple[int, int]:
+    """Decode ``path`` completely (to catch corruption early) and return its ``(height, width)``
+    after EXIF orientation."""
+    img = _open_rgb(Path(path))
+    return img.height, img.width
+
+
+def resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of an ``(H, W, 3) uint8`` image to ``hw = (height, width)``."""
+    height, width = int(hw[0]), int(hw[1])
+    if image.shape[:2] == (height, width):
+        return image
+    pil = Image.fromarray(np.ascontiguousarray(image))
+    return np.asarray(pil.resize((width, height), Image.Resampling.BILINEAR), dtype=np.uint8)

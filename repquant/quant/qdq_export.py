@@ -1,0 +1,126 @@
+"""Export a calibrated fake-quant model to ONNX with QuantizeLinear / DequantizeLinear (QDQ).
+
+modelopt's ``TensorQuantizer`` has a TorchScript ONNX symbolic that writes Q/DQ pairs: symmetric
+INT8, zero point 0 (int8), ``scale = amax / 127``, ``axis`` for per-channel weights (Conv axis 0,
+ConvTranspose axis 1), per tensor for activations. The dynamo exporter does not use these symbolics,
+so export goes through ``torch.onnx.export(..., dynamo=False)``. modelopt writes each zero point as
+``Cast(Constant)``; we fold those into int8 constants so the file is plain QDQ for TensorRT and ORT.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from repquant.errors import ModelError
+
+DEFAULT_OPSET = 17
+
+
+def _fold_constant_casts(model: onnx.ModelProto) -> int:
+    """Replace ``Cast(Constant)`` by one Constant of the target type; returns how many were folded."""
+    graph = model.graph
+    constants = {n.output[0]: n for n in graph.node if n.op_type == "Constant"}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Cast" or node.input[0] not in constants:
+            continue
+        src = constants[node.input[0]]
+        value = numpy_helper.to_array(next(a.t for a in src.attribute if a.name == "value"))
+        to = next(a.i for a in node.attribute if a.name == "to")
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(to)
+        tensor = numpy_helper.from_array(np.asarray(value).astype(dtype), name=node.output[0])
+        const = onnx.helper.make_node(
+            "Constant", [], [node.output[0]], value=tensor, name=f"{node.name}_folded"
+        )
+        graph.node.insert(list(graph.node).index(node), const)
+        graph.node.remove(node)
+        folded += 1
+    used = {i for n in graph.node for i in n.input}
+    for out, src in constants.items():
+        if out not in used:
+            graph.node.remove(src)
+    return folded
+
+
+def export_qdq_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    *,
+    opset: int = DEFAULT_OPSET,
+    input_names: tuple[str, ...] = ("images",),
+    output_names: tuple[str, ...] | None = None,
+    dynamic_batch: bool = True,
+) -> Path:
+    """Write the fake-quant ``model`` as a QDQ ONNX file and check it with ``onnx.checker``.
+
+    ``example_input``: ``(B, 3, H, W)`` float; ``dynamic_batch`` makes dim 0 symbolic.
+    Returns the written path.
+    """
+    dynamic_axes = None
+    if dynamic_batch:
+        dynamic_axes = {name: {0: "batch"} for name in (*input_names, *(output_names or ()))}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings from modelopt's fake-quant python code
+        torch.onnx.export(
+            model, (example_input,), str(path), dynamo=False, opset_version=opset,
+            input_names=list(input_names), output_names=list(output_names) if output_names else None,
+            dynamic_axes=dynamic_axes,
+        )
+    model.train(was_training)
+    proto = onnx.load(str(path))
+    _fold_constant_casts(proto)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ModelError(f"{path}: exported QDQ ONNX fails onnx.checker: {err}") from err
+    onnx.save(proto, str(path))
+    return path
+
+
+def qdq_nodes(proto: onnx.ModelProto) -> list[dict[str, object]]:
+    """Every QuantizeLinear / DequantizeLinear: op, input tensor name, axis, zero-point dtype."""
+    nodes = proto.graph.node
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
+    consts.update({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer})
+    rows: list[dict[str, object]] = []
+    for node in proto.graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
+        zp = consts.get(node.input[2]) if len(node.input) > 2 else None
+        scale = consts.get(node.input[1])
+        rows.append({
+            "op": node.op_type, "input": node.input[0], "axis": axis,
+            "zero_point_dtype": None if zp is None else zp.dtype,
+            "zero_point_max_abs": None if zp is None else int(np.abs(zp.astype(np.int64)).max()),
+            "num_scales": None if scale is None else int(np.asarray(scale).size),
+        })
+    return rows
+
+
+def ort_optimized_op_counts(onnx_path: str | Path, optimized_path: str | Path) -> Counter[str]:
+    """Optimize with ONNX Runtime (CPU, ``ORT_ENABLE_ALL``), save the result, count its op types.
+
+    QDQ fusion turns ``DQ -> Conv -> Q`` into ``QLinearConv`` (integer execution).
+    """
+    import onnxruntime as ort  # imported here: only this check needs it
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(optimized_path)
+    options.log_severity_level = 3  # the optimized-model hardware warning is expected
+    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node)

@@ -18,7 +18,7 @@ RANK = {
     "train": 4, "eval": 4,
     "quant": 5,
     "deploy": 6,
-    "cli": 7, "__main__": 7, "__init__": 7,
+    "cli": 7, "__main__": 7, "__init__": 7, "pipeline": 7,
 }
 # Heavy or optional third-party packages, and the only modules allowed to import them.
 OWNERS = {

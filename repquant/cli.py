@@ -1,0 +1,320 @@
+"""The ``repquant`` command line.
+
+Each command parses its options, builds its inputs and calls ONE library function; all logic
+lives in the library. Heavy modules (torch, onnx, onnxruntime) are imported inside the command
+functions so that ``repquant --help`` answers instantly.
+
+Errors: a :class:`RepquantError` (or an OS error such as a missing directory) prints
+``error: <one line>`` on stderr and exits 1; set ``REPQUANT_DEBUG=1`` (or pass ``--debug``) to get
+the traceback instead. Usage errors exit 2 (click's convention).
+
+Adding a command: define ``@cli.command()`` below with typed options; never pass the click context
+or the whole option set to the library.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from repquant import __version__
+from repquant.errors import RepquantError
+
+_MAX_STRIDE = 32
+
+
+def _debug_enabled(ctx: click.Context | None = None) -> bool:
+    flag = bool(ctx and ctx.find_root().params.get("debug"))
+    return flag or os.environ.get("REPQUANT_DEBUG", "") not in ("", "0")
+
+
+class _Group(click.Group):
+    """Turns library errors into one line on stderr and exit status 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (RepquantError, OSError) as err:
+            if _debug_enabled(ctx):
+                raise
+            message = " ".join(str(err).split()) or type(err).__name__
+            click.echo(f"error: {message}", err=True)
+            ctx.exit(1)
+
+
+def _img_size(ctx: click.Context, param: click.Parameter, value: int) -> int:
+    if value is not None and (value <= 0 or value % _MAX_STRIDE):
+        raise click.BadParameter(f"must be a positive multiple of {_MAX_STRIDE}, got {value}")
+    return value
+
+
+def _setup_torch(ctx: click.Context) -> None:
+    """Apply group options that concern torch; called by commands right before they need it."""
+    threads = ctx.find_root().params.get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+MODEL_HELP = "Registry name (see `repquant list-models`) or checkpoint path (.safetensors, .pt)"
+NUM_CLASSES_HELP = "Classes for a registry name (default 80); a checkpoint must match it"
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "-V", "--version", prog_name="repquant")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
+@click.option("--debug", is_flag=True, help="Show tracebacks (same as REPQUANT_DEBUG=1).")
+def cli(threads: int | None, debug: bool) -> None:
+    """YOLOv6 re-parameterized detectors from training to fast INT8 deployment."""
+
+
+@cli.command("list-models")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list.")
+def list_models_cmd(as_json: bool) -> None:
+    """List the registered model variants."""
+    from repquant.models import list_models
+
+    names = list_models()
+    click.echo(json.dumps(names) if as_json else "\n".join(names))
+
+
+@cli.command()
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option(
+    "--img-size", type=int, default=640, show_default=True, callback=_img_size, help="Square input size."
+)
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help=NUM_CLASSES_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_context
+def info(ctx: click.Context, model_spec: str, img_size: int, num_classes: int | None, as_json: bool) -> None:
+    """Params, GFLOPs and layer count of the deployed model."""
+    _setup_torch(ctx)
+    from repquant.checkpoint import resolve_model
+    from repquant.models import model_profile
+
+    model = resolve_model(model_spec, num_classes)
+    profile = model_profile(model, img_size)
+    config = model.config
+    data = {
+        "model": config.name,
+        "num_classes": config.num_classes,
+        "block_mode": config.block_mode,
+        "reg_max": config.reg_max,
+        "params": profile.params,
+        "params_m": round(profile.params / 1e6, 3),
+        "gflops": round(profile.gflops, 3),
+        "img_size": profile.img_size,
+        "num_layers": profile.num_layers,
+    }
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+@cli.command()
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="Output .onnx file.")
+@click.option(
+    "--img-size", type=int, default=640, show_default=True, callback=_img_size, help="Square input size."
+)
+@click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True, help="Static batch.")
+@click.option("--dynamic-batch", is_flag=True, help="Symbolic batch axis (--batch-size is then ignored).")
+@click.option("--opset", type=click.IntRange(min=11), default=17, show_default=True, help="ONNX opset.")
+@click.option("--num-classes", type=click.IntRange(min=1), default=None, help=NUM_CLASSES_HELP)
+@click.option("--raw", is_flag=True, help="Export raw cls_logits/reg_dist instead of decoded boxes/scores.")
+@click.pass_context
+def export(
+    ctx: click.Context,
+    model_spec: str,
+    output: str,
+    img_size: int,
+    batch_size: int,
+    dynamic_batch: bool,
+    opset: int,
+    num_classes: int | None,
+    raw: bool,
+) -> None:
+    """Re-parameterize and export to ONNX (images -> boxes, scores)."""
+    _setup_torch(ctx)
+    from repquant.checkpoint import resolve_model
+    from repquant.deploy.onnx_export import export_onnx
+
+    model = resolve_model(model_spec, num_classes)
+    path = export_onnx(
+        model,
+        output,
+        img_size=img_size,
+        batch_size=batch_size,
+        dynamic_batch=dynamic_batch,
+        opset=opset,
+        decoded=not raw,
+    )
+    size_mb = path.stat().st_size / 1e6
+    click.echo(f"wrote {path} ({size_mb:.1f} MB, {model.config.name}, {img_size}x{img_size})")
+
+
+def _parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs from ``--set``; values are parsed as YAML scalars (``epochs=3``, ``ema=false``)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint="--set")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def _run_training(recipe: str, resume: bool, pairs: Sequence[str], **fixed: Any) -> None:
+    from repquant.train.config import load_train_config
+    from repquant.train.trainer import train
+
+    config = load_train_config(recipe, **{**_parse_overrides(pairs), **fixed})
+    result = train(config, resume=resume)
+    click.echo(
+        f"best mAP@.5:.95 {result.best_map50_95:.4f} (epoch {result.best_epoch}); "
+        f"{result.epochs_run} epochs in {result.wall_time_s:.0f} s, {result.images_per_s:.1f} img/s; "
+        f"best: {result.best_checkpoint}"
+    )
+
+
+_RECIPE = click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+_RESUME = click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir.")
+_SET = click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE",
+                    help="Override a recipe field (repeatable), e.g. --set epochs=3 --set output_dir=runs/x.")
+
+
+@cli.command("train")
+@_RECIPE
+@_RESUME
+@_SET
+@click.pass_context
+def train_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
+    """Train a model from a recipe YAML (torchrun --nproc_per_node N -m repquant.train.ddp for DDP)."""
+    _setup_torch(ctx)
+    _run_training(recipe, resume, pairs)
+
+
+@cli.command("hyper-search")
+@_RECIPE
+@_RESUME
+@_SET
+@click.pass_context
+def hyper_search_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
+    """RepOpt stage 1: train LinearAddBlock scales; writes weights/scales.safetensors in the run folder."""
+    _setup_torch(ctx)
+    _run_training(recipe, resume, pairs, block_mode="hyper_search")
+
+
+@cli.command("train-repopt")
+@_RECIPE
+@click.option("--scales", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="scales.safetensors from `repquant hyper-search`.")
+@_RESUME
+@_SET
+@click.pass_context
+def train_repopt_cmd(
+    ctx: click.Context, recipe: str, scales: str, resume: bool, pairs: tuple[str, ...]
+) -> None:
+    """RepOpt stage 2: train the plain RealVGG model with the RepOptimizer's gradient masks."""
+    _setup_torch(ctx)
+    _run_training(recipe, resume, pairs, block_mode="repopt", repopt_scales=Path(scales))
+
+
+@cli.command("eval")
+@click.option("--model", "model_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint (.safetensors/.pt) or exported .onnx.")
+@click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Dataset YAML.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--img-size", type=int, default=None, callback=_img_size,
+              help="Default: the size recorded with the model.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--conf-thres", type=float, default=0.03, show_default=True)
+@click.option("--iou-thres", type=float, default=0.65, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def eval_cmd(ctx: click.Context, model_path: str, data_yaml: str, split: str, img_size: int | None,
+             batch_size: int, conf_thres: float, iou_thres: float, as_json: bool) -> None:
+    """COCO mAP (pycocotools) of a checkpoint or an ONNX model, through the same postprocess."""
+    _setup_torch(ctx)
+    from repquant.deploy.evaluate import evaluate_model
+
+    result, size = evaluate_model(model_path, data_yaml, split=split, img_size=img_size,
+                                  batch_size=batch_size, conf_thres=conf_thres, iou_thres=iou_thres,
+                                  threads=ctx.find_root().params.get("threads"))
+    data = {"model": model_path, "split": split, "img_size": size, "map50_95": round(result.map50_95, 5),
+            "map50": round(result.map50, 5), "num_images": result.num_images,
+            "per_class_ap50_95": {k: round(v, 5) for k, v in result.per_class_ap50_95.items()}}
+    if as_json:
+        click.echo(json.dumps(data))
+    else:
+        click.echo(f"{model_path} @ {size}: mAP@.5:.95 {result.map50_95:.4f}  mAP@.5 {result.map50:.4f} "
+                   f"({result.num_images} images, {split})")
+
+
+@cli.command("act-stats")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--split", default="val", show_default=True)
+@click.option("--images", "num_images", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
+@click.option("--output", "-o", "output_dir", default="runs/act_stats", show_default=True,
+              type=click.Path(file_okay=False))
+@click.pass_context
+def act_stats_cmd(ctx: click.Context, model_spec: str, data_yaml: str, split: str, num_images: int,
+                  img_size: int, output_dir: str) -> None:
+    """Per-layer weight and activation ranges (max, 99.99th percentile, kurtosis) of the deployed model."""
+    _setup_torch(ctx)
+    from repquant.train.act_stats import act_stats_command
+
+    json_path, md_path = act_stats_command(model_spec, data_yaml, split, num_images, img_size, output_dir)
+    click.echo(f"wrote {json_path} and {md_path}")
+
+
+@cli.command()
+@click.option("--data", "data_yaml", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dataset YAML (default: a generated seeded synthetic dataset).")
+@click.option("--output", "-o", "output_dir", default="runs/demo", show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--model", "model_name", default="yolov6n", show_default=True)
+@click.option("--img-size", type=int, default=160, show_default=True, callback=_img_size)
+@click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, data_yaml: str | None, output_dir: str, model_name: str, img_size: int,
+         epochs: int, batch_size: int, seed: int) -> None:
+    """Main job: train, evaluate, export ONNX, evaluate through ONNX Runtime; prints a summary."""
+    _setup_torch(ctx)
+    from repquant.pipeline import run_demo
+
+    r = run_demo(output_dir, data_yaml, model=model_name, img_size=img_size, epochs=epochs,
+                 batch_size=batch_size, seed=seed)
+    click.echo(f"data: {r.data}\ntrained {r.epochs} epochs in {r.train_wall_time_s:.0f} s "
+               f"({r.train_images_per_s:.1f} img/s)")
+    click.echo(f"{'backend':<14}{'mAP@.5:.95':>12}{'mAP@.5':>10}")
+    click.echo(f"{'torch':<14}{r.torch_map50_95:>12.4f}{r.torch_map50:>10.4f}")
+    click.echo(f"{'onnxruntime':<14}{r.onnx_map50_95:>12.4f}{r.onnx_map50:>10.4f}")
+    summary = Path(output_dir) / "demo.json"
+    click.echo(f"checkpoint: {r.checkpoint}\nonnx: {r.onnx}\nsummary: {summary}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point (``repquant = repquant.cli:main``)."""
+    cli.main(args=list(argv) if argv is not None else None, prog_name="repquant")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main(sys.argv[1:])

@@ -9,6 +9,7 @@ directory.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any, Literal
 
 from repquant.data import AugmentConfig
 from repquant.errors import RecipeError
-from repquant.recipe import load_recipe, recipe_to_dict
+from repquant.recipe import load_recipe, recipe_from_dict, recipe_to_dict
 
 IouType = Literal["giou", "siou", "ciou", "diou", "iou"]
 # YOLOv6 v3 trains N (and v2 N/T) with SIoU, the larger models with GIoU.
@@ -137,5 +138,11 @@ def override(config: TrainConfig, **overrides: Any) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise RecipeError(f"TrainConfig: unknown field {unknown[0]!r}")
-    return dataclasses.replace(config, **overrides) if overrides else config
+        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"TrainConfig: unknown field {unknown[0]!r}{hint}")
+    if not overrides:
+        return config
+    # Through the recipe converter so command-line strings become Paths/nested dataclasses, type-checked.
+    merged = {**recipe_to_dict(config), **overrides}
+    return recipe_from_dict(merged, TrainConfig, source="TrainConfig override")

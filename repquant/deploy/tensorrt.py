@@ -1,0 +1,370 @@
+"""TensorRT engines from repquant ONNX files, and a runner for benchmarks.
+
+The only module that imports ``tensorrt`` (inside functions, so importing this module is cheap and
+works without TensorRT). Buffers, streams and events come from torch: no pycuda.
+
+Precision follows explicit quantization: INT8 comes from the Q/DQ nodes of the ONNX file (written
+by ``repquant.quant.qdq_export``), never from an implicit calibrator (deprecated in TensorRT 10.1,
+removed in 11).
+
+- TensorRT 10: the network is weakly typed and the builder flags choose the kernels: ``fp16`` sets
+  ``BuilderFlag.FP16``; ``int8`` sets ``INT8`` (the Q/DQ layers run in INT8) and ``FP16`` (layers
+  left outside Q/DQ may run in FP16, as YOLOv6's TensorRT deployment does); ``fp32`` sets none and
+  clears ``TF32``.
+- TensorRT 11: networks are always strongly typed and the ``INT8``/``FP16`` flags are gone, so the
+  precision is what the ONNX file says: an FP16 engine needs an ONNX file with FP16 weights, and
+  layers outside Q/DQ run in the ONNX's float type.
+
+Next to the engine, ``<engine>.json`` records how it was built (:class:`EngineInfo`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from repquant.errors import CheckpointError, MissingDependencyError, ModelError, RepquantError
+from repquant.io import atomic_open, atomic_write_bytes, atomic_write_text
+
+PRECISIONS = ("fp32", "fp16", "int8")
+ENGINE_METADATA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What :func:`build_engine` wrote; also stored as JSON in ``metadata_path``."""
+
+    engine_path: str
+    metadata_path: str
+    precision: str
+    batch_sizes: tuple[int, ...]
+    input_name: str
+    input_shape: tuple[int, ...]  # as in the ONNX file; -1 for the dynamic batch axis
+    strongly_typed: bool
+    tensorrt_version: str
+    gpu_name: str
+    onnx_path: str
+    onnx_sha256: str
+    engine_bytes: int
+    build_seconds: float
+    format_version: int = ENGINE_METADATA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["batch_sizes"] = list(self.batch_sizes)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+
+def import_tensorrt(purpose: str = "building TensorRT engines") -> Any:
+    """``import tensorrt``, or :class:`MissingDependencyError` with the install hint."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise MissingDependencyError("tensorrt", "tensorrt", purpose) from None
+    return trt
+
+
+def require_cuda(what: str) -> Any:
+    """torch with a visible CUDA device, or a one-line :class:`RepquantError`."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise RepquantError(f"{what} needs a CUDA GPU, but torch sees none (CUDA_VISIBLE_DEVICES, driver?)")
+    return torch
+
+
+def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
+    """Whether the ONNX graph holds QuantizeLinear/DequantizeLinear nodes (explicit quantization)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in proto.graph.node)
+
+
+def onnx_has_fp16_weights(onnx_path: str | os.PathLike) -> bool:
+    """Whether any initializer of the ONNX graph is float16 (needed for FP16 under strong typing)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    return any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_request(onnx_path: Path, precision: str, batch_sizes: Sequence[int]) -> tuple[int, ...]:
+    if not onnx_path.is_file():
+        raise CheckpointError(f"{onnx_path}: no such ONNX file")
+    if precision not in PRECISIONS:
+        raise RepquantError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    batches = tuple(sorted({int(b) for b in batch_sizes}))
+    if not batches or batches[0] < 1:
+        raise RepquantError(f"{onnx_path}: batch sizes must be >= 1, got {list(batch_sizes)}")
+    quantized = onnx_has_qdq(onnx_path)
+    if precision == "int8" and not quantized:
+        raise RepquantError(
+            f"{onnx_path}: an INT8 engine needs an ONNX file with Q/DQ nodes "
+            "(quantize and export it first); implicit INT8 calibration is not supported"
+        )
+    if precision != "int8" and quantized:
+        raise RepquantError(f"{onnx_path}: the ONNX file has Q/DQ nodes; build it with precision 'int8'")
+    return batches
+
+
+def build_engine(
+    onnx_path: str | os.PathLike,
+    engine_path: str | os.PathLike,
+    precision: str = "int8",
+    batch_sizes: Sequence[int] = (1,),
+    workspace_mb: int = 4096,
+    timing_cache: str | os.PathLike | None = None,
+) -> EngineInfo:
+    """Build a serialized TensorRT engine from ``onnx_path`` and write it atomically to ``engine_path``.
+
+    Args:
+        precision: ``fp32``, ``fp16`` or ``int8`` (int8 needs Q/DQ nodes in the ONNX file).
+        batch_sizes: for a dynamic-batch ONNX, one optimization profile per batch size
+            (min = opt = max, so every batch gets its own tuned kernels; profile ``i`` serves
+            ``sorted(batch_sizes)[i]``). A static-batch ONNX accepts only its own batch.
+        workspace_mb: limit of the builder's scratch GPU memory pool.
+        timing_cache: file read before the build (when it exists) and rewritten after it, which
+            makes rebuilds on the same GPU and TensorRT version much faster.
+    """
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    batches = _check_request(onnx_path, precision, batch_sizes)
+    trt = import_tensorrt()
+    torch = require_cuda("building a TensorRT engine")
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        found = trt.__version__
+        raise MissingDependencyError("tensorrt>=10", "tensorrt", f"building engines (found {found})")
+    has_precision_flags = hasattr(trt.BuilderFlag, "INT8")  # removed in TensorRT 11
+    if not has_precision_flags and precision == "fp16" and not onnx_has_fp16_weights(onnx_path):
+        raise RepquantError(
+            f"{onnx_path}: TensorRT {trt.__version__} builds strongly typed networks, so an FP16 engine "
+            "needs an ONNX file with FP16 weights"
+        )
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    strongly_typed = not has_precision_flags
+    # TRT 11 ignores the flag (always strongly typed); TRT 10 runs weakly typed so that flags apply.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"{onnx_path}: TensorRT cannot parse the ONNX file ({errors[:300]})")
+    if network.num_inputs != 1:
+        raise ModelError(f"{onnx_path}: expected one input tensor, found {network.num_inputs}")
+    tensor = network.get_input(0)
+    input_name, input_shape = tensor.name, tuple(int(d) for d in tensor.shape)
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    if has_precision_flags and precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if has_precision_flags and precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default and rounds matmul/conv inputs to 10 mantissa bits: not FP32.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    _add_profiles(builder, config, onnx_path, input_name, input_shape, batches)
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    if cache_path is not None:
+        cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
+
+    start = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    build_seconds = time.perf_counter() - start
+    if serialized is None:
+        raise ModelError(f"{onnx_path}: TensorRT failed to build a {precision} engine (see its log above)")
+    with atomic_open(engine_path, "wb") as f:
+        f.write(memoryview(serialized))
+    if cache_path is not None:
+        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+
+    info = EngineInfo(
+        engine_path=str(engine_path),
+        metadata_path=str(engine_metadata_path(engine_path)),
+        precision=precision,
+        batch_sizes=batches,
+        input_name=input_name,
+        input_shape=input_shape,
+        strongly_typed=strongly_typed,
+        tensorrt_version=trt.__version__,
+        gpu_name=torch.cuda.get_device_name(torch.cuda.current_device()),
+        onnx_path=str(onnx_path),
+        onnx_sha256=sha256_file(onnx_path),
+        engine_bytes=int(serialized.nbytes),
+        build_seconds=round(build_seconds, 3),
+    )
+    atomic_write_text(info.metadata_path, json.dumps(info.to_dict(), indent=2) + "\n")
+    return info
+
+
+def _add_profiles(
+    builder: Any, config: Any, onnx_path: Path, name: str, shape: tuple[int, ...], batches: tuple[int, ...]
+) -> None:
+    if len(shape) != 4 or any(d < 0 for d in shape[1:]):
+        raise ModelError(f"{onnx_path}: input {name} must be (B, 3, H, W) with static H and W, got {shape}")
+    if shape[0] >= 0:  # static batch: no profile needed, but it fixes the only batch size
+        if batches != (shape[0],):
+            raise ModelError(
+                f"{onnx_path}: exported with static batch {shape[0]}, cannot build batch sizes "
+                f"{list(batches)}; export with a dynamic batch"
+            )
+        return
+    for batch in batches:
+        profile = builder.create_optimization_profile()
+        dims = (batch, *shape[1:])
+        profile.set_shape(name, dims, dims, dims)
+        config.add_optimization_profile(profile)
+
+
+def engine_metadata_path(engine_path: str | os.PathLike) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    engine_path = Path(engine_path)
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def read_engine_metadata(engine_path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON written beside ``engine_path`` by :func:`build_engine`, or ``None`` if absent."""
+    path = engine_metadata_path(engine_path)
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: unreadable engine metadata ({err})") from None
+
+
+_TORCH_DTYPES = {
+    "FLOAT": "float32",
+    "HALF": "float16",
+    "BF16": "bfloat16",
+    "INT8": "int8",
+    "INT32": "int32",
+    "INT64": "int64",
+    "BOOL": "bool",
+    "UINT8": "uint8",
+}
+
+
+class TrtRunner:
+    """Run a serialized engine on torch CUDA tensors.
+
+    ``runner(images)`` with ``images: (B, 3, H, W)`` on the GPU (dtype of the engine input, usually
+    float32) returns the engine outputs as torch CUDA tensors, in engine order (``boxes (B, A, 4)``,
+    ``scores (B, A, nc)`` for a decoded export). Output buffers are allocated once per batch size and
+    reused: copy them if you keep results across calls. The launch is asynchronous on
+    ``self.stream``; the call waits for nothing, so time it with CUDA events on that stream (or call
+    ``torch.cuda.synchronize()``).
+    """
+
+    def __init__(self, engine_path: str | os.PathLike) -> None:
+        self.path = Path(engine_path)
+        if not self.path.is_file():
+            raise CheckpointError(f"{self.path}: no such TensorRT engine file")
+        trt = import_tensorrt("running TensorRT engines")
+        torch = require_cuda("running a TensorRT engine")
+        self._trt, self._torch = trt, torch
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self._runtime = trt.Runtime(self._logger)
+        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if self.engine is None:
+            raise CheckpointError(
+                f"{self.path}: TensorRT {trt.__version__} cannot load this engine "
+                "(built by another TensorRT version or for another GPU?)"
+            )
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
+        if len(self.input_names) != 1:
+            raise ModelError(f"{self.path}: expected one input tensor, found {len(self.input_names)}")
+        self.input_name = self.input_names[0]
+        self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
+        self.input_dtype = getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(self.input_name).name])
+        self.stream = torch.cuda.Stream()
+        # One context whose profile follows the batch: a profile may serve one context at a time.
+        self.context = self.engine.create_execution_context()
+        self._batch: int | None = None
+        self._outputs: dict[int, dict[str, Any]] = {}
+        self.metadata = read_engine_metadata(self.path)
+
+    def batch_sizes(self) -> list[int]:
+        """The batch sizes this engine serves (the static batch, or those of its optimization profiles)."""
+        if self.input_shape[0] >= 0:
+            return [int(self.input_shape[0])]
+        sizes = []
+        for index in range(self.engine.num_optimization_profiles):
+            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, index)
+            sizes.extend(range(int(low[0]), int(high[0]) + 1))
+        return sorted(set(sizes))
+
+    def _profile_for(self, batch: int) -> int:
+        for index in range(self.engine.num_optimization_profiles):
+            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, index)
+            if int(low[0]) <= batch <= int(high[0]):
+                return index
+        served = self.batch_sizes()
+        raise ModelError(f"{self.path}: no optimization profile for batch {batch} (serves {served})")
+
+    def _prepare(self, shape: tuple[int, ...]) -> dict[str, Any]:
+        """Select the profile and input shape for ``shape``'s batch; bind that batch's output buffers."""
+        batch = shape[0]
+        if batch == self._batch:
+            return self._outputs[batch]
+        if self.input_shape[0] >= 0:
+            if batch != self.input_shape[0]:
+                raise ModelError(f"{self.path}: engine has static batch {self.input_shape[0]}, got {batch}")
+        else:
+            self.context.set_optimization_profile_async(self._profile_for(batch), self.stream.cuda_stream)
+        self.context.set_input_shape(self.input_name, shape)
+        torch = self._torch
+        if batch not in self._outputs:
+            buffers = {}
+            for name in self.output_names:
+                dims = tuple(self.context.get_tensor_shape(name))
+                dtype = getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name])
+                buffers[name] = torch.empty(dims, dtype=dtype, device="cuda")
+            self._outputs[batch] = buffers
+        for name, buffer in self._outputs[batch].items():
+            self.context.set_tensor_address(name, buffer.data_ptr())
+        self._batch = batch
+        return self._outputs[batch]
+
+    def __call__(self, images: Any) -> tuple[Any, ...]:
+        """Enqueue the engine on ``images (B, 3, H, W)`` (CUDA); returns the output tensors."""
+        if not getattr(images, "is_cuda", False):
+            raise ModelError(f"{self.path}: TensorRT inputs must be CUDA tensors")
+        if tuple(images.shape[1:]) != tuple(self.input_shape[1:]):
+            raise ModelError(
+                f"{self.path}: engine input is {tuple(self.input_shape)}, got {tuple(images.shape)}"
+            )
+        images = images.contiguous()
+        outputs = self._prepare(tuple(int(d) for d in images.shape))
+        self.context.set_tensor_address(self.input_name, images.data_ptr())
+        # The input may come from torch's current stream: make the engine's stream wait for it.
+        self.stream.wait_stream(self._torch.cuda.current_stream())
+        if not self.context.execute_async_v3(self.stream.cuda_stream):
+            raise ModelError(f"{self.path}: TensorRT execution failed for batch {images.shape[0]}")
+        # Reverse direction: later torch work on the current stream sees finished outputs.
+        self._torch.cuda.current_stream().wait_stream(self.stream)
+        return tuple(outputs[name] for name in self.output_names)
+
+    def __repr__(self) -> str:
+        return f"TrtRunner({str(self.path)!r}, batch_sizes={self.batch_sizes()})"

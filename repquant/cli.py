@@ -311,6 +311,57 @@ def demo(ctx: click.Context, data_yaml: str | None, output_dir: str, model_name:
     click.echo(f"checkpoint: {r.checkpoint}\nonnx: {r.onnx}\nsummary: {summary}")
 
 
+@cli.command()
+@click.option("--model", "model_spec", required=True,
+              help="Registry name, checkpoint, .onnx (ort/tensorrt) or .engine/.plan (tensorrt).")
+@click.option("--backend", type=click.Choice(["ort", "torch", "tensorrt"]), default="ort", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32", show_default=True)
+@click.option("--batch", "batch_sizes", type=click.IntRange(min=1), multiple=True, default=(1, 32),
+              show_default=True, help="Batch size (repeatable).")
+@click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
+@click.option("--warmup", type=click.IntRange(min=0), default=10, show_default=True)
+@click.option("--iters", type=click.IntRange(min=1), default=50, show_default=True)
+@click.option("--cuda-graphs", is_flag=True, help="torch on CUDA: replay a captured CUDA graph.")
+@click.option("--compare-train-form", is_flag=True, help="torch: also time the train-form model.")
+@click.option("--output-json", type=click.Path(dir_okay=False), default=None)
+@click.option("--output-md", type=click.Path(dir_okay=False), default=None)
+@click.pass_context
+def bench(ctx: click.Context, model_spec: str, backend: str, precision: str, batch_sizes: tuple[int, ...],
+          img_size: int, warmup: int, iters: int, cuda_graphs: bool, compare_train_form: bool,
+          output_json: str | None, output_md: str | None) -> None:
+    """Latency (median/p90/p99 ms) and throughput (img/s) of the network forward incl. decode (no NMS)."""
+    _setup_torch(ctx)
+    from repquant.deploy.benchmark import bench_command
+
+    report = bench_command(model_spec, backend=backend, precision=precision, batch_sizes=batch_sizes,
+                           img_size=img_size, warmup=warmup, iters=iters,
+                           threads=ctx.find_root().params.get("threads"), output_json=output_json,
+                           output_md=output_md, cuda_graphs=cuda_graphs,
+                           compare_train_form=compare_train_form)
+    click.echo(report.to_markdown())
+
+
+@cli.command("build-engine")
+@click.option("--onnx", "onnx_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", "engine_path", default=None, type=click.Path(dir_okay=False),
+              help="Engine file (default: the ONNX path with .engine).")
+@click.option("--batch", "batch_sizes", type=click.IntRange(min=1), multiple=True, default=(1,),
+              show_default=True, help="Static profile per batch size (repeatable).")
+@click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None)
+@click.option("--workspace-mb", type=click.IntRange(min=64), default=4096, show_default=True)
+def build_engine_cmd(onnx_path: str, engine_path: str | None, batch_sizes: tuple[int, ...], precision: str,
+                     timing_cache: str | None, workspace_mb: int) -> None:
+    """Build a TensorRT engine from an ONNX (INT8 from its Q/DQ nodes); needs repquant[tensorrt] and a GPU."""
+    from repquant.deploy.tensorrt import build_engine
+
+    info = build_engine(onnx_path, engine_path or str(Path(onnx_path).with_suffix(".engine")),
+                        precision=precision, batch_sizes=batch_sizes, workspace_mb=workspace_mb,
+                        timing_cache=timing_cache)
+    click.echo(f"wrote {info.engine_path} ({info.engine_bytes / 1e6:.1f} MB, "
+               f"TensorRT {info.tensorrt_version}, {info.gpu_name}); metadata {info.metadata_path}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (``repquant = repquant.cli:main``)."""
     cli.main(args=list(argv) if argv is not None else None, prog_name="repquant")

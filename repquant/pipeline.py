@@ -48,15 +48,17 @@ def run_demo(
     batch_size: int = 16,
     seed: int = 0,
     workers: int = 2,
+    synthetic_images: tuple[int, int] = (96, 24),
 ) -> DemoResult:
     """Train ``model`` on ``data_yaml`` (or a generated synthetic set), evaluate, export and re-evaluate.
 
     Writes ``output_dir/{data,train,model.onnx,demo.json}``. Raises :class:`RepquantError` if
-    ``output_dir/train`` already holds a run (pick another ``output_dir``).
+    ``output_dir/train`` already holds a run (pick another ``output_dir``). ``synthetic_images`` is
+    the (train, val) image count of the generated dataset.
     """
     out = Path(output_dir)
     if data_yaml is None:
-        data_yaml = make_synthetic_dataset(out / "data", num_train=96, num_val=24,
+        data_yaml = make_synthetic_dataset(out / "data", *synthetic_images,
                                            img_size=(img_size, img_size), num_classes=3, seed=seed)
         LOGGER.info("no --data given: generated a seeded synthetic dataset at %s", data_yaml)
     config = TrainConfig(

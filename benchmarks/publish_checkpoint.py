@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -31,7 +32,9 @@ def _git_commit() -> str:
 def publish(run_checkpoint: Path, data_yaml: Path, img_size: int, output: Path) -> dict:
     _, run_meta = load_checkpoint(run_checkpoint)
     model = load_model(run_checkpoint)
-    recipe = run_meta.get("recipe", {})
+    recipe = dict(run_meta.get("recipe", {}))
+    if "data" in recipe:  # the run recorded an absolute path; relative to the recipe file, as recipes are
+        recipe["data"] = os.path.relpath(Path(recipe["data"]).resolve(), output.resolve().parent)
     metadata = {
         "img_size": img_size,
         "data": str(data_yaml),

@@ -1,0 +1,39 @@
+"""The committed BCCD checkpoints reproduce the mAP recorded in their metadata, from torch and from ONNX.
+
+The metadata mAP was measured by benchmarks/publish_checkpoint.py after the fp16 round trip, with the
+same evaluation settings, so the tolerance only absorbs float differences between backends.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from repquant.checkpoint import load_checkpoint, load_model
+from repquant.deploy.evaluate import evaluate_model
+from repquant.deploy.onnx_export import export_onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINTS = sorted((ROOT / "benchmarks" / "checkpoints").glob("*_bccd.safetensors"))
+BCCD = ROOT.parent / "shared" / "data" / "bccd"
+DATA_YAML = ROOT / "recipes" / "data" / "bccd.yaml"
+
+pytestmark = pytest.mark.skipif(not BCCD.is_dir(), reason="../shared/data/bccd is not present")
+
+
+def test_checkpoints_are_committed():
+    assert CHECKPOINTS, "benchmarks/checkpoints/*_bccd.safetensors missing"
+
+
+@pytest.mark.parametrize("ckpt", CHECKPOINTS, ids=lambda p: p.stem)
+def test_eval_reproduces_recorded_map_from_torch_and_onnx(ckpt: Path, tmp_path: Path):
+    _, meta = load_checkpoint(ckpt)
+    img_size = int(meta["img_size"])
+    torch_result, _ = evaluate_model(ckpt, DATA_YAML, img_size=img_size, progress=False)
+    assert torch_result.map50_95 == pytest.approx(meta["map50_95"], abs=0.002)
+    assert torch_result.map50 == pytest.approx(meta["map50"], abs=0.002)
+    onnx_path = export_onnx(load_model(ckpt), tmp_path / "m.onnx", img_size=img_size, dynamic_batch=True)
+    onnx_result, _ = evaluate_model(onnx_path, DATA_YAML, progress=False)
+    assert onnx_result.map50_95 == pytest.approx(meta["map50_95"], abs=0.002)
+    assert onnx_result.map50 == pytest.approx(meta["map50"], abs=0.002)

@@ -283,6 +283,46 @@ def act_stats_cmd(ctx: click.Context, model_spec: str, data_yaml: str, split: st
     click.echo(f"wrote {json_path} and {md_path}")
 
 
+_METRIC_CHOICES = {"mse": ("mse",), "snr": ("snr_db",), "cosine": ("cosine",), "all": ("mse", "snr_db", "cosine")}
+
+
+@cli.command("sensitivity")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Dataset YAML: calibration images from its train split, --map-check on val.")
+@click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)), default="all", show_default=True,
+              help="Ranking(s) to write and print; all three are always measured.")
+@click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
+              show_default=True, help="Mode the rankings use; all three are always measured.")
+@click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True)
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--isolated-images", type=click.IntRange(min=1), default=None,
+              help="Measure the isolated mode on the first N calibration images only (default: all).")
+@click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration subset.")
+@click.option("--map-check", "map_check_top_k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="mAP drop on val of each metric's top K layers quantized alone, with Spearman correlations.")
+@click.option("--output", "-o", "output_dir", default="runs/sensitivity", show_default=True,
+              type=click.Path(file_okay=False))
+@click.pass_context
+def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric: str, mode: str, calib_images: int,
+                    calib_method: str, percentile: float, isolated_images: int | None, img_size: int,
+                    batch_size: int, seed: int, map_check_top_k: int, output_dir: str) -> None:
+    """Per-layer INT8 sensitivity (MSE, SNR in dB, cosine; isolated / accumulated / local)."""
+    _setup_torch(ctx)
+    from repquant.quant.config import QuantConfig
+    from repquant.quant.report import sensitivity_command
+
+    config = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images)
+    paths = sensitivity_command(model_spec, data_yaml, output_dir, metrics=_METRIC_CHOICES[metric], mode=mode,
+                                calib_images=calib_images, img_size=img_size, map_check_top_k=map_check_top_k,
+                                config=config, seed=seed, batch_size=batch_size, isolated_images=isolated_images)
+    click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
+
+
 @cli.command()
 @click.option("--data", "data_yaml", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Dataset YAML (default: a generated seeded synthetic dataset).")

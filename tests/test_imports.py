@@ -61,3 +61,15 @@ def test_lazy_names() -> None:
     from repquant.models import create_model
 
     assert repquant.create_model is create_model
+
+
+def test_installed_quant_extra_imports() -> None:
+    """The quant tests skip only when the extra is absent: an installed but broken modelopt (a missing
+    undeclared dependency) must fail here instead of silently skipping them."""
+    from importlib import metadata
+
+    try:
+        metadata.version("nvidia-modelopt")
+    except metadata.PackageNotFoundError:
+        pytest.skip("nvidia-modelopt (extra 'quant') not installed")
+    import modelopt.torch.quantization  # noqa: F401

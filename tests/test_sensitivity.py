@@ -226,7 +226,7 @@ def test_local_input_snr_matches_onnxruntime_qdq_loss_debug(setup, result, layer
     ort_sqnr = _ort_input_sqnr(qmodel, batches, tmp_path)
     assert list(ort_sqnr) == [layer]
     ours = result.layer(layer).extras["input_snr_db"]
-    assert abs(ours - ort_sqnr[layer][0]) <= 0.5, (ours, ort_sqnr)
+    assert abs(ours - ort_sqnr[layer][0]) <= 0.01, (ours, ort_sqnr)  # issue: 0.5 dB; measured ~1e-5
 
 
 def test_sensitivity_cli_end_to_end(tmp_path: Path) -> None:

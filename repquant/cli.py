@@ -298,8 +298,9 @@ _METRIC_CHOICES = {"mse": ("mse",), "snr": ("snr_db",), "cosine": ("cosine",), "
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
               show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
-@click.option("--isolated-images", type=click.IntRange(min=1), default=None,
-              help="Measure the isolated mode on the first N calibration images only (default: all).")
+@click.option("--isolated-images", type=click.IntRange(min=0), default=32, show_default=True,
+              help="Measure the isolated mode (~25 forward passes per image) on the first N calibration "
+                   "images only; 0 = all.")
 @click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
 @click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration subset.")
@@ -319,7 +320,8 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
     config = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images)
     paths = sensitivity_command(model_spec, data_yaml, output_dir, metrics=_METRIC_CHOICES[metric], mode=mode,
                                 calib_images=calib_images, img_size=img_size, map_check_top_k=map_check_top_k,
-                                config=config, seed=seed, batch_size=batch_size, isolated_images=isolated_images)
+                                config=config, seed=seed, batch_size=batch_size,
+                                isolated_images=isolated_images or None)
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -325,6 +325,42 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+@cli.command("ptq")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Dataset YAML: calibration images from its train split.")
+@click.option("--keep-float", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Number of most sensitive layers left in float.")
+@click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now).")
+@click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse", show_default=True)
+@click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
+              show_default=True)
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True)
+@click.option("--percentile", type=float, default=99.99, show_default=True)
+@click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration subset.")
+@click.option("--layout", type=click.Choice(["tensorrt", "ort"]), default="tensorrt", show_default=True,
+              help="tensorrt: Q/DQ on inputs and weights; ort: also conv outputs (ONNX Runtime QLinearConv).")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="QDQ ONNX file to write.")
+@click.pass_context
+def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int, sensitivity_json: str | None,
+            metric: str, mode: str, calib_method: str, percentile: float, calib_images: int, img_size: int,
+            seed: int, layout: str, output: str) -> None:
+    """Mixed-precision INT8 PTQ: keep the K most sensitive layers float, export TensorRT-ready QDQ ONNX."""
+    _setup_torch(ctx)
+    from repquant.deploy.ptq import ptq_command
+
+    result = ptq_command(model_spec, data_yaml, output, keep_float=keep_float, sensitivity_json=sensitivity_json,
+                         metric=_METRIC_CHOICES[metric][0], mode=mode, calib_method=calib_method,
+                         percentile=percentile, calib_images=calib_images, img_size=img_size, seed=seed,
+                         layout=layout)
+    click.echo(f"wrote {result.onnx_path}: {result.quantized_layers} layers INT8, float: "
+               f"{', '.join(result.keep_float_layers) or 'none'}")
+
+
 @cli.command()
 @click.option("--data", "data_yaml", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Dataset YAML (default: a generated seeded synthetic dataset).")

@@ -106,18 +106,22 @@ def export_onnx(
     proto = onnx.load_model_from_string(buffer.getvalue())
     if simplify:
         proto = _simplify(proto)
-    metadata = {
-        "repquant_format": str(FORMAT_VERSION),
-        "repquant_config": json.dumps(config.to_dict(), sort_keys=True),
-        "repquant_img_size": json.dumps([h, w]),
-        "repquant_num_classes": str(config.num_classes),
-        "repquant_batch_size": "0" if dynamic_batch else str(batch_size),
-        "repquant_decoded": json.dumps(decoded),
-    }
-    set_onnx_metadata(proto, metadata)
+    set_onnx_metadata(proto, export_metadata(config, (h, w), 0 if dynamic_batch else batch_size, decoded))
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
+
+
+def export_metadata(config: Any, img_hw: tuple[int, int], batch_size: int, decoded: bool = True) -> dict[str, str]:
+    """The ``repquant_*`` metadata_props of an exported model (``batch_size`` 0: dynamic batch)."""
+    return {
+        "repquant_format": str(FORMAT_VERSION),
+        "repquant_config": json.dumps(config.to_dict(), sort_keys=True),
+        "repquant_img_size": json.dumps([int(img_hw[0]), int(img_hw[1])]),
+        "repquant_num_classes": str(config.num_classes),
+        "repquant_batch_size": str(batch_size),
+        "repquant_decoded": json.dumps(decoded),
+    }
 
 
 def set_onnx_metadata(proto: onnx.ModelProto, metadata: dict[str, str]) -> None:

@@ -1,0 +1,96 @@
+"""Mixed-precision PTQ: keep-float layers carry no Q/DQ, the QDQ file evaluates through `repquant eval`'s
+path, ONNX Runtime runs integer convolutions in the ORT layout, and rankings come from a sensitivity JSON."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
+
+from repquant.cli import cli  # noqa: E402
+from repquant.data import make_synthetic_dataset  # noqa: E402
+from repquant.deploy.evaluate import evaluate_model  # noqa: E402
+from repquant.deploy.onnx_export import read_onnx_metadata  # noqa: E402
+from repquant.deploy.ptq import keep_float_from_sensitivity, ptq_command  # noqa: E402
+from repquant.errors import CalibrationError  # noqa: E402
+from repquant.quant import ort_optimized_op_counts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("ptq"), num_train=6, num_val=2, img_size=(64, 64),
+                                  num_classes=2, seed=0)
+
+
+def _quantized_weights(proto: onnx.ModelProto) -> set[str]:
+    """Layer FQNs whose weight is quantized (initializers are named ``model.<fqn>.weight``: the
+    exported graph wraps the network in ``DecodedDetector``)."""
+    return {n.input[0].removeprefix("model.").removesuffix(".weight") for n in proto.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0].endswith(".weight")}
+
+
+def test_keep_float_layers_have_no_qdq_and_the_file_evaluates(data_yaml: Path, tmp_path: Path) -> None:
+    full = ptq_command("yolov6n", data_yaml, tmp_path / "k0.onnx", keep_float=0, calib_images=4, img_size=64,
+                       progress=False)
+    mixed = ptq_command("yolov6n", data_yaml, tmp_path / "k2.onnx", keep_float=2, mode="local", calib_images=4,
+                        img_size=64, progress=False)
+    assert full.keep_float_layers == () and len(mixed.keep_float_layers) == 2
+    assert mixed.quantized_layers == full.quantized_layers - 2
+    p_full, p_mixed = onnx.load(str(full.onnx_path)), onnx.load(str(mixed.onnx_path))
+    assert _quantized_weights(p_full) - _quantized_weights(p_mixed) == set(mixed.keep_float_layers)
+    q_full = Counter(n.op_type for n in p_full.graph.node)["QuantizeLinear"]
+    q_mixed = Counter(n.op_type for n in p_mixed.graph.node)["QuantizeLinear"]
+    assert q_full - q_mixed == 4  # input + weight of each keep-float conv
+    for name in mixed.keep_float_layers:  # its Conv reads a float tensor and a float weight
+        conv = next(n for n in p_mixed.graph.node if n.op_type == "Conv" and f"model.{name}.weight" in n.input)
+        producers = {o: n.op_type for n in p_mixed.graph.node for o in n.output}
+        assert producers.get(conv.input[0]) != "DequantizeLinear"
+    meta = read_onnx_metadata(mixed.onnx_path)
+    assert meta["img_size"] == (64, 64) and meta["num_classes"] == 2
+    quant = json.loads({p.key: p.value for p in p_mixed.metadata_props}["repquant_quant"])
+    assert quant["keep_float_layers"] == list(mixed.keep_float_layers) and quant["ranking"] == "local/mse"
+    result, size = evaluate_model(mixed.onnx_path, data_yaml, progress=False)
+    assert size == 64 and result.num_images == 2
+
+
+def test_ort_layout_runs_integer_convolutions(data_yaml: Path, tmp_path: Path) -> None:
+    res = ptq_command("yolov6n", data_yaml, tmp_path / "ort.onnx", keep_float=0, calib_images=4, img_size=64,
+                      layout="ort", progress=False)
+    counts = ort_optimized_op_counts(res.onnx_path, tmp_path / "optimized.onnx")
+    assert counts["QLinearConv"] > 0
+
+
+def test_keep_float_from_sensitivity_json(tmp_path: Path) -> None:
+    path = tmp_path / "sens.json"
+    path.write_text(json.dumps({"rankings": {"isolated": {"mse": ["a", "b", "c"]}}}))
+    assert keep_float_from_sensitivity(path, 2, "isolated", "mse") == ("a", "b")
+    with pytest.raises(CalibrationError, match="no ranking local/mse; it has isolated/mse"):
+        keep_float_from_sensitivity(path, 2, "local", "mse")
+    with pytest.raises(CalibrationError, match="--keep-float 4 but the model has only 3"):
+        keep_float_from_sensitivity(path, 4, "isolated", "mse")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(CalibrationError, match="bad.json: not a repquant sensitivity JSON"):
+        keep_float_from_sensitivity(bad, 1, "isolated", "mse")
+
+
+def test_ptq_cli_with_sensitivity_json(data_yaml: Path, tmp_path: Path) -> None:
+    sens = tmp_path / "sens"
+    runner = CliRunner()
+    res = runner.invoke(cli, ["sensitivity", "--model", "yolov6n", "--data", str(data_yaml), "--calib-images", "4",
+                              "--img-size", "64", "--isolated-images", "2", "--output", str(sens)])
+    assert res.exit_code == 0, res.output
+    ranking = json.loads((sens / "sensitivity.json").read_text())["rankings"]["local"]["snr_db"]
+    out = tmp_path / "int8.onnx"
+    res = runner.invoke(cli, ["ptq", "--model", "yolov6n", "--data", str(data_yaml), "--keep-float", "3",
+                              "--sensitivity", str(sens / "sensitivity.json"), "--mode", "local", "--metric", "snr",
+                              "--calib-images", "4", "--img-size", "64", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    assert ", ".join(ranking[:3]) in res.output
+    assert set(ranking[:3]).isdisjoint(_quantized_weights(onnx.load(str(out))))

@@ -329,8 +329,13 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
 @click.option("--model", "model_spec", required=True, help=MODEL_HELP)
 @click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Dataset YAML: calibration images from its train split.")
-@click.option("--keep-float", type=click.IntRange(min=0), default=6, show_default=True,
-              help="Number of most sensitive layers left in float.")
+@click.option("--keep-float", default="6", show_default=True,
+              help="Number of most sensitive layers left in float, or 'auto': the smallest number whose "
+                   "INT8 mAP on the val split is within --max-ap-drop of FP32.")
+@click.option("--max-ap-drop", type=float, default=0.005, show_default=True,
+              help="For --keep-float auto: allowed mAP@.5:.95 drop (0.005 = 0.5 AP).")
+@click.option("--max-keep-float", type=click.IntRange(min=0), default=12, show_default=True,
+              help="For --keep-float auto: largest number of float layers tried.")
 @click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False), default=None,
               help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now).")
 @click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse", show_default=True)
@@ -346,17 +351,24 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
               help="tensorrt: Q/DQ on inputs and weights; ort: also conv outputs (ONNX Runtime QLinearConv).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="QDQ ONNX file to write.")
 @click.pass_context
-def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int, sensitivity_json: str | None,
-            metric: str, mode: str, calib_method: str, percentile: float, calib_images: int, img_size: int,
-            seed: int, layout: str, output: str) -> None:
+def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str, max_ap_drop: float,
+            max_keep_float: int, sensitivity_json: str | None, metric: str, mode: str, calib_method: str,
+            percentile: float, calib_images: int, img_size: int, seed: int, layout: str, output: str) -> None:
     """Mixed-precision INT8 PTQ: keep the K most sensitive layers float, export TensorRT-ready QDQ ONNX."""
     _setup_torch(ctx)
     from repquant.deploy.ptq import ptq_command
 
-    result = ptq_command(model_spec, data_yaml, output, keep_float=keep_float, sensitivity_json=sensitivity_json,
-                         metric=_METRIC_CHOICES[metric][0], mode=mode, calib_method=calib_method,
-                         percentile=percentile, calib_images=calib_images, img_size=img_size, seed=seed,
-                         layout=layout)
+    if keep_float != "auto" and not keep_float.isdigit():
+        raise click.BadParameter(f"must be a count >= 0 or 'auto', got {keep_float!r}", param_hint="--keep-float")
+    count: int | str = keep_float if keep_float == "auto" else int(keep_float)
+    result = ptq_command(model_spec, data_yaml, output, keep_float=count,
+                         sensitivity_json=sensitivity_json, metric=_METRIC_CHOICES[metric][0], mode=mode,
+                         calib_method=calib_method, percentile=percentile, calib_images=calib_images,
+                         img_size=img_size, seed=seed, layout=layout, max_ap_drop=max_ap_drop,
+                         max_keep_float=max_keep_float)
+    for row in result.auto_search or []:
+        label = "FP32" if row["k"] < 0 else f"K={int(row['k'])}"
+        click.echo(f"  {label:6s} mAP@.5:.95 {row['map50_95']:.4f}  drop {row['drop']:+.4f}")
     click.echo(f"wrote {result.onnx_path}: {result.quantized_layers} layers INT8, float: "
                f"{', '.join(result.keep_float_layers) or 'none'}")
 

@@ -94,3 +94,18 @@ def test_ptq_cli_with_sensitivity_json(data_yaml: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert ", ".join(ranking[:3]) in res.output
     assert set(ranking[:3]).isdisjoint(_quantized_weights(onnx.load(str(out))))
+
+
+def test_keep_float_auto_picks_the_smallest_k_within_the_drop(data_yaml: Path, tmp_path: Path) -> None:
+    # Any drop is allowed: K=0 after one FP32 and one INT8 evaluation.
+    res = ptq_command("yolov6n", data_yaml, tmp_path / "auto.onnx", keep_float="auto", mode="local",
+                      calib_images=4, img_size=64, max_ap_drop=1.0, max_keep_float=2, progress=False)
+    assert res.keep_float_layers == () and [row["k"] for row in res.auto_search] == [-1, 0]
+    # No drop can be negative beyond -1: every K is tried, then a one-line error.
+    with pytest.raises(CalibrationError, match=r"no K <= 2 keeps the mAP drop within -1.0"):
+        ptq_command("yolov6n", data_yaml, tmp_path / "never.onnx", keep_float="auto", mode="local",
+                    calib_images=4, img_size=64, max_ap_drop=-1.0, max_keep_float=2, progress=False)
+    assert not (tmp_path / "never.onnx").exists()
+    res = CliRunner().invoke(cli, ["ptq", "--model", "yolov6n", "--data", str(data_yaml), "--keep-float", "many",
+                                   "--output", str(tmp_path / "x.onnx")])
+    assert res.exit_code == 2 and "must be a count >= 0 or 'auto'" in res.output

@@ -40,6 +40,7 @@ class PTQResult:
     quantized_layers: int
     layout: str
     calibration: dict[str, Any]
+    auto_search: list[dict[str, float]] | None = None
 
 
 def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str) -> tuple[str, ...]:
@@ -56,6 +57,42 @@ def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metr
     if k > len(ranking):
         raise CalibrationError(f"{path}: --keep-float {k} but the model has only {len(ranking)} quantizable layers")
     return tuple(ranking[:k])
+
+
+def search_keep_float(model: torch.nn.Module, qmodel: torch.nn.Module, placement: Any, ranking: list[str],
+                      val_dataset: Any, max_ap_drop: float, max_keep_float: int,
+                      progress: bool = False) -> tuple[int, list[dict[str, float]]]:
+    """Smallest K <= ``max_keep_float`` whose INT8 mAP@.5:.95 on ``val_dataset`` is within ``max_ap_drop``
+    of FP32, keeping ``ranking[:K]`` float; and the evaluations made (``k``, ``map50_95``, ``drop``).
+
+    ``qmodel`` is calibrated once with every quantizer: max / histogram calibration observes float
+    activations, so a layer's scales do not depend on which other layers are quantized.
+    """
+    from repquant.eval import evaluate
+    from repquant.models.head import DecodedDetector
+    from repquant.quant.sensitivity import set_enabled_layers
+
+    img_hw = (val_dataset.img_size, val_dataset.img_size)
+    fp32 = evaluate(DecodedDetector(model, img_hw).eval(), val_dataset, progress=progress).map50_95
+    evaluations: list[dict[str, float]] = [{"k": -1, "map50_95": fp32, "drop": 0.0}]
+    all_layers = [ly.name for ly in placement.layers]
+    try:
+        for k in range(0, min(max_keep_float, len(ranking)) + 1):
+            float_layers = set(ranking[:k])
+            set_enabled_layers(qmodel, placement, [n for n in all_layers if n not in float_layers])
+            int8 = evaluate(DecodedDetector(qmodel, img_hw).eval(), val_dataset, progress=progress).map50_95
+            evaluations.append({"k": k, "map50_95": int8, "drop": fp32 - int8})
+            logger.info("ptq auto: K=%d keep-float -> mAP@.5:.95 %.4f (FP32 %.4f, drop %.4f)", k, int8, fp32,
+                        fp32 - int8)
+            if fp32 - int8 <= max_ap_drop:
+                return k, evaluations
+    finally:
+        set_enabled_layers(qmodel, placement, None)
+    best = min(evaluations[1:], key=lambda e: e["drop"])
+    raise CalibrationError(
+        f"ptq --keep-float auto: no K <= {max_keep_float} keeps the mAP drop within {max_ap_drop} "
+        f"(FP32 {fp32:.4f}; best K={int(best['k'])} drops {best['drop']:.4f}); raise --max-keep-float or --max-ap-drop"
+    )
 
 
 def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_hw: tuple[int, int],
@@ -81,15 +118,17 @@ def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_
 
 
 def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: str | os.PathLike,
-                keep_float: int = 6, sensitivity_json: str | os.PathLike | None = None,
+                keep_float: int | str = 6, sensitivity_json: str | os.PathLike | None = None,
                 metric: str = "mse", mode: str = "isolated", calib_method: str = "max",
                 percentile: float = 99.99, calib_images: int = 128, img_size: int = 640, seed: int = 0,
                 layout: str = "tensorrt", isolated_images: int | None = 32, batch_size: int = 2,
-                progress: bool = True) -> PTQResult:
+                max_ap_drop: float = 0.005, max_keep_float: int = 12, progress: bool = True) -> PTQResult:
     """Quantize ``model_path_or_name`` to INT8 except its ``keep_float`` most sensitive layers; write QDQ ONNX.
 
     Without ``sensitivity_json`` the ranking ``mode``/``metric`` is measured on the calibration images
-    (``layer_sensitivity`` restricted to ``mode``).
+    (``layer_sensitivity`` restricted to ``mode``). ``keep_float="auto"``: the smallest K whose INT8
+    mAP@.5:.95 on the val split is within ``max_ap_drop`` of FP32, measured with torch fake-quant in
+    the TensorRT layout (inputs + weights).
     """
     from repquant.checkpoint import resolve_model
     from repquant.data import load_data_config
@@ -108,22 +147,36 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
                              img_size=img_size, batch_size=batch_size)
     batches, calibration = calibration_batches(manifest)
     base = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images)
-    if keep_float == 0:
-        keep: tuple[str, ...] = ()
+    auto = keep_float == "auto"
+    if not auto and not (isinstance(keep_float, int) and keep_float >= 0):
+        raise CalibrationError(f"ptq: --keep-float must be a count >= 0 or 'auto', got {keep_float!r}")
+    wanted = max_keep_float if auto else int(keep_float)
+    search: list[dict[str, float]] | None = None
+    if wanted == 0:
+        ranking: list[str] = []
     elif sensitivity_json is not None:
-        keep = keep_float_from_sensitivity(sensitivity_json, keep_float, mode, metric)
+        ranking = list(keep_float_from_sensitivity(sensitivity_json, wanted, mode, metric))
     else:
-        logger.info("ptq: measuring %s %s sensitivity to pick %d keep-float layers", mode, metric, keep_float)
+        logger.info("ptq: measuring %s %s sensitivity to rank keep-float layers", mode, metric)
         result = layer_sensitivity(model, batches, base, modes=(mode,), progress=progress,
                                    isolated_images=isolated_images)
-        keep = tuple(result.ranking(mode, metric)[:keep_float])
+        ranking = result.ranking(mode, metric)[:wanted]
+    if auto:
+        from repquant.data import DetectionDataset
+
+        qmodel, placement = quantized_copy(model, batches, base)
+        val = DetectionDataset(data_config, "val", img_size, augment=False)
+        k, search = search_keep_float(model, qmodel, placement, ranking, val, max_ap_drop, max_keep_float, progress)
+        ranking = ranking[:k]
+    keep = tuple(ranking)
     config = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images,
                          keep_float_layers=keep, quantize_conv_outputs=layout == "ort")
     qmodel, placement = quantized_copy(model, batches, config)
     quant_info = {"keep_float_layers": list(keep), "calib_method": calib_method, "percentile": percentile,
                   "calib_images": calib_images, "calib_seed": seed, "layout": layout,
-                  "ranking": None if not keep else f"{mode}/{metric}"}
+                  "ranking": None if not keep else f"{mode}/{metric}", "auto_search": search,
+                  "max_ap_drop": max_ap_drop if auto else None}
     path = export_quantized_onnx(qmodel, output, (img_size, img_size), quant_info)
     logger.info("ptq: wrote %s (%d of %d layers INT8, float: %s)", path, len(placement.layers) - len(keep),
                 len(placement.layers), ", ".join(keep) or "none")
-    return PTQResult(path, keep, len(placement.layers) - len(keep), layout, calibration)
+    return PTQResult(path, keep, len(placement.layers) - len(keep), layout, calibration, search)

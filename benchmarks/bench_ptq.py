@@ -1,7 +1,7 @@
 """Accuracy and ONNX Runtime CPU speed of FP32 vs mixed-precision INT8 PTQ on a committed checkpoint.
 
-For one checkpoint: FP32 ONNX, INT8 with K = 0 keep-float layers, INT8 with K = 6 (and any other
-``--keep-float`` values), all in the ORT layout (conv outputs quantized too, so ONNX Runtime's CPU
+For one checkpoint: FP32 ONNX, INT8 with K = 0 keep-float layers, K = 6 and K = auto
+(``--keep-float``), all in the ORT layout (conv outputs quantized too, so ONNX Runtime's CPU
 QDQ fusion runs integer ``QLinearConv``). Each file is evaluated on the val split (pycocotools mAP,
 the postprocess of `repquant eval`) and timed (forward incl. box decoding; no pre-processing or NMS)
 at batch 1 and a throughput batch. Prints a Markdown table, writes ``benchmarks/results/bench_ptq_<name>.json``.
@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sensitivity", type=Path, default=None, help="sensitivity JSON for the ranking")
     parser.add_argument("--metric", default="mse")
     parser.add_argument("--mode", default="isolated")
-    parser.add_argument("--keep-float", type=int, nargs="+", default=[0, 6])
+    parser.add_argument("--keep-float", nargs="+", default=["0", "6", "auto"], help="counts and/or 'auto'")
+    parser.add_argument("--max-ap-drop", type=float, default=0.005, help="for auto")
     parser.add_argument("--calib-images", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--warmup", type=int, default=3)
@@ -68,11 +69,13 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = export_onnx(load_model(args.checkpoint), tmp / "fp32.onnx", img_size, dynamic_batch=True)
         rows.append(measure("fp32", fp32, args.data, args.batch, args.warmup, args.iters, tmp))
         for k in args.keep_float:
-            res = ptq_command(str(args.checkpoint), args.data, tmp / f"int8_k{k}.onnx", keep_float=k,
+            res = ptq_command(str(args.checkpoint), args.data, tmp / f"int8_k{k}.onnx",
+                              keep_float=k if k == "auto" else int(k), max_ap_drop=args.max_ap_drop,
                               sensitivity_json=args.sensitivity, metric=args.metric, mode=args.mode,
                               calib_images=args.calib_images, img_size=img_size, layout="ort", progress=False)
             row = measure(f"int8_k{k}", res.onnx_path, args.data, args.batch, args.warmup, args.iters, tmp)
             row["keep_float_layers"] = list(res.keep_float_layers)
+            row["auto_search"] = res.auto_search
             rows.append(row)
     base = rows[0]
     for row in rows:

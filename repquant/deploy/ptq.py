@@ -130,22 +130,14 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     mAP@.5:.95 on the val split is within ``max_ap_drop`` of FP32, measured with torch fake-quant in
     the TensorRT layout (inputs + weights).
     """
-    from repquant.checkpoint import resolve_model
-    from repquant.data import load_data_config
-    from repquant.data.calib import CalibManifest, calibration_batches
     from repquant.quant.config import QuantConfig
+    from repquant.quant.report import load_for_quantization
     from repquant.quant.sensitivity import layer_sensitivity, quantized_copy
-    from repquant.reparam import is_deployed, reparameterize
 
     if layout not in LAYOUTS:
         raise ValueError(f"ptq: layout must be one of {LAYOUTS}, got {layout!r}")
-    data_config = load_data_config(data_yaml)
-    model = resolve_model(model_path_or_name, num_classes=data_config.nc).eval()
-    if not is_deployed(model):
-        model = reparameterize(model).eval()
-    manifest = CalibManifest(data=str(data_yaml), split="train", num_images=calib_images, seed=seed,
-                             img_size=img_size, batch_size=batch_size)
-    batches, calibration = calibration_batches(manifest)
+    model, data_config, batches, calibration = load_for_quantization(model_path_or_name, data_yaml, calib_images,
+                                                                     img_size, seed, batch_size)
     base = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images)
     auto = keep_float == "auto"
     if not auto and not (isinstance(keep_float, int) and keep_float >= 0):

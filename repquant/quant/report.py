@@ -247,6 +247,25 @@ def map_check(model: nn.Module, qmodel: nn.Module, placement: QuantPlacement, da
 # --- the CLI's one call -----------------------------------------------------------------------------
 
 
+def load_for_quantization(model_path_or_name: str, data_yaml: str | os.PathLike, calib_images: int,
+                          img_size: int, seed: int = 0, batch_size: int = 2) -> tuple[nn.Module, Any, list, dict]:
+    """The deployed (re-parameterized) float model, the dataset config, the seeded calibration batches
+    of its train split (letterboxed, never augmented) and their JSON-ready record."""
+    from repquant.checkpoint import resolve_model
+    from repquant.data import load_data_config
+    from repquant.data.calib import CalibManifest, calibration_batches
+    from repquant.reparam import is_deployed, reparameterize
+
+    data_config = load_data_config(data_yaml)
+    model = resolve_model(model_path_or_name, num_classes=data_config.nc).eval()
+    if not is_deployed(model):
+        model = reparameterize(model).eval()
+    manifest = CalibManifest(data=str(data_yaml), split="train", num_images=calib_images, seed=seed,
+                             img_size=img_size, batch_size=batch_size)
+    batches, calibration = calibration_batches(manifest)
+    return model, data_config, batches, calibration
+
+
 def sensitivity_command(model_path_or_name: str, data_yaml: str | os.PathLike, output_dir: str | os.PathLike,
                         metrics: Sequence[str] = ("snr_db",), mode: str = "isolated", calib_images: int = 128,
                         img_size: int = 640, modes: Sequence[str] = MODES, map_check_top_k: int = 0,
@@ -262,21 +281,13 @@ def sensitivity_command(model_path_or_name: str, data_yaml: str | os.PathLike, o
     top ``map_check_top_k`` (in ``mode``) quantized alone on the val split. Prints the top ``top_k``
     per metric. Returns the written paths by kind.
     """
-    from repquant.checkpoint import resolve_model
-    from repquant.data import DetectionDataset, load_data_config
-    from repquant.data.calib import CalibManifest, calibration_batches
-    from repquant.reparam import is_deployed, reparameterize
+    from repquant.data import DetectionDataset
 
     metrics = tuple(metrics)
     if mode not in modes or not metrics or any(m not in METRICS for m in metrics):
         raise ValueError(f"sensitivity: ranking {mode}/{metrics} must be one of modes {list(modes)} x {list(METRICS)}")
-    data_config = load_data_config(data_yaml)
-    model = resolve_model(model_path_or_name, num_classes=data_config.nc).eval()
-    if not is_deployed(model):
-        model = reparameterize(model).eval()
-    manifest = CalibManifest(data=str(data_yaml), split="train", num_images=calib_images, seed=seed,
-                             img_size=img_size, batch_size=batch_size)
-    batches, calibration = calibration_batches(manifest)
+    model, data_config, batches, calibration = load_for_quantization(model_path_or_name, data_yaml, calib_images,
+                                                                     img_size, seed, batch_size)
     config = config or QuantConfig(num_calib_images=calib_images)
     result = layer_sensitivity(model, batches, config, modes, progress=progress, isolated_images=isolated_images)
     check = None

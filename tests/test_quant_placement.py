@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_models import Residual
 from torch import nn
 
 from repquant.errors import ModelError, RecipeError
@@ -25,17 +26,6 @@ from repquant.quant import (
 )
 
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.ReLU()
-        self.alpha = nn.Parameter(torch.full((1,), 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.act(self.conv1(x)))) + self.alpha * x
 
 
 class StandIn(nn.Module):

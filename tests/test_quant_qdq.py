@@ -15,6 +15,7 @@ import onnx
 import pytest
 import torch
 import torch.nn.functional as F
+from quant_models import Residual
 from torch import nn
 
 from repquant.quant import (
@@ -32,17 +33,6 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extr
 ort = pytest.importorskip("onnxruntime")
 
 MIN_SNR_DB = 30.0
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1)
-        self.act = nn.ReLU()
-        self.alpha = nn.Parameter(torch.full((1,), 0.5))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.act(self.conv1(x)))) + self.alpha * x
 
 
 class StandIn(nn.Module):

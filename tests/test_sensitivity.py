@@ -18,19 +18,12 @@ from torch import nn
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
 ort = pytest.importorskip("onnxruntime")
 
+from quant_models import Residual  # noqa: E402
+
 from repquant.quant import QuantConfig, export_qdq_onnx, find_placement  # noqa: E402
 from repquant.quant.metrics import ErrorAccumulator  # noqa: E402
 from repquant.quant.report import average_ranks, result_to_dict, spearman  # noqa: E402
 from repquant.quant.sensitivity import layer_sensitivity, quantized_copy, set_enabled_layers  # noqa: E402
-
-
-class Residual(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1, self.conv2, self.act = nn.Conv2d(c, c, 3, padding=1), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.conv2(self.act(self.conv1(x)))) + x
 
 
 class TwoHeads(nn.Module):

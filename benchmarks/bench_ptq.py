@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> None:
             row = measure(f"int8_k{k}", res.onnx_path, args.data, args.batch, args.warmup, args.iters, tmp)
             row["keep_float_layers"] = list(res.keep_float_layers)
             row["auto_search"] = res.auto_search
+            row["parity_snr_db"], row["parity_floor_db"] = res.parity.snr_db, res.parity.floor_db
             rows.append(row)
     base = rows[0]
     for row in rows:
@@ -90,12 +91,15 @@ def main(argv: list[str] | None = None) -> None:
     output = args.output or ROOT / "benchmarks" / "results" / f"bench_ptq_{args.checkpoint.stem}.json"
     atomic_write_text(output, json.dumps(report, indent=2) + "\n")
     bs = [f"bs{b}" for b in args.batch]
-    print("| variant | mAP@.5:.95 | drop | " + " | ".join(f"{b} ms | {b} img/s" for b in bs) + " | QLinearConv |")
-    print("|---" * (4 + 2 * len(bs)) + "|")
+    print("| variant | mAP@.5:.95 | drop | " + " | ".join(f"{b} ms | {b} img/s" for b in bs)
+          + " | QLinearConv | ORT vs fake-quant SNR dB (floor) |")
+    print("|---" * (5 + 2 * len(bs)) + "|")
     for r in rows:
         cells = " | ".join(f"{r['latency_ms_median'][b]:.1f} | {r['images_per_s'][b]:.1f}" for b in bs)
+        floor = r.get("parity_floor_db", {})
+        parity = ", ".join(f"{k} {v:.1f} ({floor[k]:.1f})" for k, v in r.get("parity_snr_db", {}).items())
         print(f"| {r['variant']} | {r['map50_95']:.4f} | {r['ap_drop']:+.4f} | {cells} | "
-              f"{r['ort_optimized_ops'].get('QLinearConv', 0)} |")
+              f"{r['ort_optimized_ops'].get('QLinearConv', 0)} | {parity or '-'} |")
     print(f"wrote {output}")
 
 

@@ -349,11 +349,14 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the calibration subset.")
 @click.option("--layout", type=click.Choice(["tensorrt", "ort"]), default="tensorrt", show_default=True,
               help="tensorrt: Q/DQ on inputs and weights; ort: also conv outputs (ONNX Runtime QLinearConv).")
+@click.option("--float-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Type of the keep-float convs in the file (fp16 for TensorRT 11 strongly typed networks).")
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False), help="QDQ ONNX file to write.")
 @click.pass_context
 def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str, max_ap_drop: float,
             max_keep_float: int, sensitivity_json: str | None, metric: str, mode: str, calib_method: str,
-            percentile: float, calib_images: int, img_size: int, seed: int, layout: str, output: str) -> None:
+            percentile: float, calib_images: int, img_size: int, seed: int, layout: str, float_dtype: str,
+            output: str) -> None:
     """Mixed-precision INT8 PTQ: keep the K most sensitive layers float, export TensorRT-ready QDQ ONNX."""
     _setup_torch(ctx)
     from repquant.deploy.ptq import ptq_command
@@ -365,12 +368,15 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
                          sensitivity_json=sensitivity_json, metric=_METRIC_CHOICES[metric][0], mode=mode,
                          calib_method=calib_method, percentile=percentile, calib_images=calib_images,
                          img_size=img_size, seed=seed, layout=layout, max_ap_drop=max_ap_drop,
-                         max_keep_float=max_keep_float)
+                         max_keep_float=max_keep_float, float_dtype=float_dtype)
     for row in result.auto_search or []:
         label = "FP32" if row["k"] < 0 else f"K={int(row['k'])}"
         click.echo(f"  {label:6s} mAP@.5:.95 {row['map50_95']:.4f}  drop {row['drop']:+.4f}")
-    click.echo(f"wrote {result.onnx_path}: {result.quantized_layers} layers INT8, float: "
+    click.echo(f"wrote {result.onnx_path}: {result.quantized_layers} layers INT8, float ({result.float_dtype}): "
                f"{', '.join(result.keep_float_layers) or 'none'}")
+    click.echo("fake-quant torch vs ONNX Runtime SNR: " + ", ".join(
+        f"{name} {db:.1f} dB (1-ulp floor {result.parity.floor_db[name]:.1f} dB)"
+        for name, db in result.parity.snr_db.items()))
 
 
 @cli.command()

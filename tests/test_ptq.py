@@ -57,6 +57,35 @@ def test_keep_float_layers_have_no_qdq_and_the_file_evaluates(data_yaml: Path, t
     assert quant["keep_float_layers"] == list(mixed.keep_float_layers) and quant["ranking"] == "local/mse"
     result, size = evaluate_model(mixed.onnx_path, data_yaml, progress=False)
     assert size == 64 and result.num_images == 2
+    assert set(mixed.parity.snr_db) == set(mixed.parity.floor_db) == {"boxes", "scores"}
+    assert min(mixed.parity.snr_db.values()) >= 30.0, mixed.parity
+
+
+def test_float_dtype_fp16_stores_keep_float_convs_in_fp16(data_yaml: Path, tmp_path: Path) -> None:
+    ranking = tmp_path / "sensitivity.json"  # keep one backbone conv and the ConvTranspose of the neck float
+    keep = ["backbone.ERBlock_3.0.rbr_reparam", "neck.Bifusion0.upsample.upsample_transpose"]
+    ranking.write_text(json.dumps({"rankings": {"isolated": {"mse": keep}}}))
+    fp32 = ptq_command("yolov6n", data_yaml, tmp_path / "fp32.onnx", keep_float=2, sensitivity_json=ranking,
+                       calib_images=4, img_size=64, progress=False)
+    fp16 = ptq_command("yolov6n", data_yaml, tmp_path / "fp16.onnx", keep_float=2, sensitivity_json=ranking,
+                       calib_images=4, img_size=64, float_dtype="fp16", progress=False)
+    assert fp16.keep_float_layers == fp32.keep_float_layers == tuple(keep) and fp16.float_dtype == "fp16"
+    proto = onnx.load(str(fp16.onnx_path))
+    half = {i.name for i in proto.graph.initializer if i.data_type == onnx.TensorProto.FLOAT16}
+    assert {n.removesuffix("_fp16") for n in half if n.endswith(".weight_fp16")} == {
+        f"model.{name}.weight" for name in fp16.keep_float_layers}
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    consumers = {i: n for n in proto.graph.node for i in n.input}
+    for name in fp16.keep_float_layers:
+        conv = next(n for n in proto.graph.node if f"model.{name}.weight_fp16" in n.input)
+        assert producers[conv.input[0]].op_type == "Cast" and consumers[conv.output[0]].op_type == "Cast"
+    # Everything else is unchanged: same Q/DQ nodes; outputs agree with the FP32 keep-float file.
+    assert Counter(n.op_type for n in proto.graph.node)["QuantizeLinear"] == Counter(
+        n.op_type for n in onnx.load(str(fp32.onnx_path)).graph.node)["QuantizeLinear"]
+    assert json.loads({p.key: p.value for p in proto.metadata_props}["repquant_quant"])["float_dtype"] == "fp16"
+    assert min(fp16.parity.snr_db.values()) >= 30.0, fp16.parity
+    result, _ = evaluate_model(fp16.onnx_path, data_yaml, progress=False)
+    assert result.num_images == 2
 
 
 def test_ort_layout_runs_integer_convolutions(data_yaml: Path, tmp_path: Path) -> None:
@@ -109,3 +138,4 @@ def test_keep_float_auto_picks_the_smallest_k_within_the_drop(data_yaml: Path, t
     res = CliRunner().invoke(cli, ["ptq", "--model", "yolov6n", "--data", str(data_yaml), "--keep-float", "many",
                                    "--output", str(tmp_path / "x.onnx")])
     assert res.exit_code == 2 and "must be a count >= 0 or 'auto'" in res.output
+

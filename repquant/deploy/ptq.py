@@ -29,6 +29,8 @@ from repquant.io import atomic_write_bytes
 logger = logging.getLogger(__name__)
 
 LAYOUTS = ("tensorrt", "ort")
+FLOAT_DTYPES = ("fp32", "fp16")
+PARITY_BATCHES = 4  # calibration batches compared between torch fake-quant and ONNX Runtime
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,8 @@ class PTQResult:
     layout: str
     calibration: dict[str, Any]
     auto_search: list[dict[str, float]] | None = None
+    parity: QDQParity | None = None
+    float_dtype: str = "fp32"
 
 
 def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str) -> tuple[str, ...]:
@@ -96,10 +100,14 @@ def search_keep_float(model: torch.nn.Module, qmodel: torch.nn.Module, placement
 
 
 def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_hw: tuple[int, int],
-                          quant_info: dict[str, Any], dynamic_batch: bool = True) -> Path:
-    """Export the calibrated fake-quant YOLOv6 ``qmodel`` with box decoding as QDQ ONNX, with metadata."""
+                          quant_info: dict[str, Any], dynamic_batch: bool = True,
+                          fp16_layers: tuple[str, ...] = ()) -> Path:
+    """Export the calibrated fake-quant YOLOv6 ``qmodel`` with box decoding as QDQ ONNX, with metadata.
+
+    ``fp16_layers``: conv FQNs (keep-float layers) written as FP16 (``convs_to_fp16``).
+    """
     from repquant.models.head import DecodedDetector
-    from repquant.quant.qdq_export import export_qdq_onnx
+    from repquant.quant.qdq_export import convs_to_fp16, export_qdq_onnx
 
     path = Path(path)
     wrapper = DecodedDetector(qmodel, img_hw).eval()
@@ -110,6 +118,8 @@ def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_
         proto = onnx.load(str(tmp))
     finally:
         tmp.unlink(missing_ok=True)
+    if fp16_layers:  # the exported graph wraps the network as ``model``
+        proto = convs_to_fp16(proto, {f"model.{name}.weight" for name in fp16_layers})
     metadata = export_metadata(qmodel.config, img_hw, 0 if dynamic_batch else 1)
     metadata["repquant_quant"] = json.dumps(quant_info, sort_keys=True)
     set_onnx_metadata(proto, metadata)
@@ -117,18 +127,52 @@ def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_
     return path
 
 
+@dataclass(frozen=True)
+class QDQParity:
+    """Per output (``boxes``, ``scores``): ``snr_db`` of ONNX Runtime against torch fake-quant, and
+    ``floor_db``, how well each of the two agrees with itself when every input pixel moves one
+    float32 ulp (the lower of the two SNRs). An INT8 network amplifies sub-ulp differences (a value on
+    a rounding boundary flips one step, and the flip propagates), so two exact implementations that
+    round floats differently cannot agree much better than this; parity near the floor means the
+    export is exact up to float rounding."""
+
+    snr_db: dict[str, float]
+    floor_db: dict[str, float]
+
+
+def qdq_parity(qmodel: torch.nn.Module, onnx_path: str | os.PathLike, images: torch.Tensor) -> QDQParity:
+    """Compare the ONNX Runtime session (CPU, all graph optimizations: integer kernels where ORT
+    fuses the QDQ pattern) with the torch fake-quant model on ``images``; see ``QDQParity``."""
+    from repquant.deploy.ort import OrtDetector
+    from repquant.models.head import DecodedDetector
+    from repquant.quant.metrics import snr_db
+
+    detector, session = DecodedDetector(qmodel, tuple(images.shape[2:])).eval(), OrtDetector(onnx_path)
+    nudged_images = torch.nextafter(images, torch.full_like(images, 2.0))
+    with torch.no_grad():
+        reference, nudged = detector(images), detector(nudged_images)
+    outputs, ort_nudged = session(images), session(nudged_images)
+    parity, floor = {}, {}
+    for i, name in enumerate(DECODED_OUTPUTS):
+        parity[name] = snr_db(reference[i].numpy(), outputs[i])
+        floor[name] = min(snr_db(reference[i].numpy(), nudged[i].numpy()), snr_db(outputs[i], ort_nudged[i]))
+    return QDQParity(parity, floor)
+
+
 def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: str | os.PathLike,
                 keep_float: int | str = 6, sensitivity_json: str | os.PathLike | None = None,
                 metric: str = "mse", mode: str = "isolated", calib_method: str = "max",
                 percentile: float = 99.99, calib_images: int = 128, img_size: int = 640, seed: int = 0,
                 layout: str = "tensorrt", isolated_images: int | None = 32, batch_size: int = 2,
-                max_ap_drop: float = 0.005, max_keep_float: int = 12, progress: bool = True) -> PTQResult:
+                max_ap_drop: float = 0.005, max_keep_float: int = 12, float_dtype: str = "fp32",
+                progress: bool = True) -> PTQResult:
     """Quantize ``model_path_or_name`` to INT8 except its ``keep_float`` most sensitive layers; write QDQ ONNX.
 
     Without ``sensitivity_json`` the ranking ``mode``/``metric`` is measured on the calibration images
     (``layer_sensitivity`` restricted to ``mode``). ``keep_float="auto"``: the smallest K whose INT8
     mAP@.5:.95 on the val split is within ``max_ap_drop`` of FP32, measured with torch fake-quant in
-    the TensorRT layout (inputs + weights).
+    the TensorRT layout (inputs + weights). ``float_dtype="fp16"`` writes the keep-float convs as FP16.
+    The result carries the fake-quant vs ONNX Runtime parity (``QDQParity``) on the first calibration batches.
     """
     from repquant.quant.config import QuantConfig
     from repquant.quant.report import load_for_quantization
@@ -136,6 +180,8 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
 
     if layout not in LAYOUTS:
         raise ValueError(f"ptq: layout must be one of {LAYOUTS}, got {layout!r}")
+    if float_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"ptq: float_dtype must be one of {FLOAT_DTYPES}, got {float_dtype!r}")
     model, data_config, batches, calibration = load_for_quantization(model_path_or_name, data_yaml, calib_images,
                                                                      img_size, seed, batch_size)
     base = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images)
@@ -167,8 +213,17 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     quant_info = {"keep_float_layers": list(keep), "calib_method": calib_method, "percentile": percentile,
                   "calib_images": calib_images, "calib_seed": seed, "layout": layout,
                   "ranking": None if not keep else f"{mode}/{metric}", "auto_search": search,
-                  "max_ap_drop": max_ap_drop if auto else None}
-    path = export_quantized_onnx(qmodel, output, (img_size, img_size), quant_info)
-    logger.info("ptq: wrote %s (%d of %d layers INT8, float: %s)", path, len(placement.layers) - len(keep),
-                len(placement.layers), ", ".join(keep) or "none")
-    return PTQResult(path, keep, len(placement.layers) - len(keep), layout, calibration, search)
+                  "max_ap_drop": max_ap_drop if auto else None, "float_dtype": float_dtype}
+    path = export_quantized_onnx(qmodel, output, (img_size, img_size), quant_info,
+                                 fp16_layers=_float_convs(placement, keep) if float_dtype == "fp16" else ())
+    parity = qdq_parity(qmodel, path, torch.cat(batches[:PARITY_BATCHES]))
+    logger.info("ptq: wrote %s (%d of %d layers INT8, float %s: %s); fake-quant vs ORT SNR %s", path,
+                len(placement.layers) - len(keep), len(placement.layers), float_dtype, ", ".join(keep) or "none",
+                ", ".join(f"{k} {v:.1f} dB (floor {parity.floor_db[k]:.1f})" for k, v in parity.snr_db.items()))
+    return PTQResult(path, keep, len(placement.layers) - len(keep), layout, calibration, search, parity, float_dtype)
+
+
+def _float_convs(placement: Any, keep: tuple[str, ...]) -> tuple[str, ...]:
+    """The keep-float layers that are convolutions (a float max-pool or add has no weights to store)."""
+    kinds = {layer.name: layer.kind for layer in placement.layers}
+    return tuple(name for name in keep if kinds[name] in ("conv", "conv_transpose"))

@@ -90,6 +90,50 @@ def export_qdq_onnx(
     return path
 
 
+def convs_to_fp16(proto: onnx.ModelProto, weight_names: set[str]) -> onnx.ModelProto:
+    """Run the Conv / ConvTranspose nodes whose weight initializer is in ``weight_names`` in FP16: weight and bias
+    stored as float16, ``Cast`` to float16 before and back to float32 after each.
+
+    For TensorRT's strongly typed networks (TensorRT 11 drops the FP16 builder flag: precision comes
+    from the ONNX types), so the keep-float layers of a mixed-precision model run in FP16, not FP32.
+    Raises ``ModelError`` naming the weights no convolution reads.
+    """
+    import onnx_graphsurgeon as gs  # graph surgery only here; keeps the package import light
+
+    graph = gs.import_onnx(proto)
+    found: set[str] = set()
+    for node in [n for n in graph.nodes if n.op in ("Conv", "ConvTranspose") and n.inputs[1].name in weight_names]:
+        found.add(node.inputs[1].name)
+        for i, const in enumerate(node.inputs[1:], start=1):
+            values = _constant_values(const)
+            if values is None:
+                raise ModelError(f"Conv {node.name}: input {const.name} is not a constant; cannot store it as FP16")
+            node.inputs[i] = gs.Constant(f"{const.name}_fp16", values.astype(np.float16))
+        x16 = gs.Variable(f"{node.name}_input_fp16", dtype=np.float16)
+        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_in", {"to": onnx.TensorProto.FLOAT16},
+                                   inputs=[node.inputs[0]], outputs=[x16]))
+        y32, y16 = node.outputs[0], gs.Variable(f"{node.name}_output_fp16", dtype=np.float16)
+        node.inputs[0], node.outputs[0] = x16, y16
+        graph.nodes.append(gs.Node("Cast", f"{node.name}_cast_out", {"to": onnx.TensorProto.FLOAT},
+                                   inputs=[y16], outputs=[y32]))
+    if missing := weight_names - found:
+        raise ModelError(f"no convolution reads the weights {sorted(missing)}; cannot make them FP16")
+    graph.cleanup().toposort()
+    out = gs.export_onnx(graph)
+    onnx.checker.check_model(out, full_check=True)
+    return out
+
+
+def _constant_values(tensor: object) -> np.ndarray | None:
+    """Values of a graph-surgeon constant, also behind the ``Identity`` nodes the TorchScript exporter
+    writes when it de-duplicates equal initializers; None for a computed tensor."""
+    import onnx_graphsurgeon as gs
+
+    while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
+        tensor = tensor.inputs[0].inputs[0]
+    return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
+
+
 def qdq_nodes(proto: onnx.ModelProto) -> list[dict[str, object]]:
     """Every QuantizeLinear / DequantizeLinear: op, input tensor name, axis, zero-point dtype."""
     nodes = proto.graph.node

@@ -7,7 +7,8 @@ same ``repquant_*`` metadata as a float export (so ``repquant eval --model X.onn
 ``repquant_quant`` entry recording the keep-float layers and calibration.
 
 Layouts: ``tensorrt`` (inputs + weights quantized; TensorRT fuses the rest) and ``ort`` (also every
-quantized conv's output, which ONNX Runtime's CPU QDQ fusion needs to run integer ``QLinearConv``).
+quantized conv's output, which ONNX Runtime's CPU QDQ fusion needs to run integer ``QLinearConv``,
+with uint8 activations as ORT's x86 kernels want them).
 """
 
 from __future__ import annotations
@@ -101,13 +102,14 @@ def search_keep_float(model: torch.nn.Module, qmodel: torch.nn.Module, placement
 
 def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_hw: tuple[int, int],
                           quant_info: dict[str, Any], dynamic_batch: bool = True,
-                          fp16_layers: tuple[str, ...] = ()) -> Path:
+                          fp16_layers: tuple[str, ...] = (), uint8_activations: bool = False) -> Path:
     """Export the calibrated fake-quant YOLOv6 ``qmodel`` with box decoding as QDQ ONNX, with metadata.
 
-    ``fp16_layers``: conv FQNs (keep-float layers) written as FP16 (``convs_to_fp16``).
+    ``fp16_layers``: conv FQNs (keep-float layers) written as FP16 (``convs_to_fp16``);
+    ``uint8_activations``: activation Q/DQ as uint8 for ONNX Runtime (``activations_to_uint8``).
     """
     from repquant.models.head import DecodedDetector
-    from repquant.quant.qdq_export import convs_to_fp16, export_qdq_onnx
+    from repquant.quant.qdq_export import activations_to_uint8, convs_to_fp16, export_qdq_onnx
 
     path = Path(path)
     wrapper = DecodedDetector(qmodel, img_hw).eval()
@@ -120,6 +122,8 @@ def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_
         tmp.unlink(missing_ok=True)
     if fp16_layers:  # the exported graph wraps the network as ``model``
         proto = convs_to_fp16(proto, {f"model.{name}.weight" for name in fp16_layers})
+    if uint8_activations:
+        activations_to_uint8(proto)
     metadata = export_metadata(qmodel.config, img_hw, 0 if dynamic_batch else 1)
     metadata["repquant_quant"] = json.dumps(quant_info, sort_keys=True)
     set_onnx_metadata(proto, metadata)
@@ -215,7 +219,8 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
                   "ranking": None if not keep else f"{mode}/{metric}", "auto_search": search,
                   "max_ap_drop": max_ap_drop if auto else None, "float_dtype": float_dtype}
     path = export_quantized_onnx(qmodel, output, (img_size, img_size), quant_info,
-                                 fp16_layers=_float_convs(placement, keep) if float_dtype == "fp16" else ())
+                                 fp16_layers=_float_convs(placement, keep) if float_dtype == "fp16" else (),
+                                 uint8_activations=layout == "ort")
     parity = qdq_parity(qmodel, path, torch.cat(batches[:PARITY_BATCHES]))
     logger.info("ptq: wrote %s (%d of %d layers INT8, float %s: %s); fake-quant vs ORT SNR %s", path,
                 len(placement.layers) - len(keep), len(placement.layers), float_dtype, ", ".join(keep) or "none",

@@ -124,6 +124,35 @@ def convs_to_fp16(proto: onnx.ModelProto, weight_names: set[str]) -> onnx.ModelP
     return out
 
 
+def activations_to_uint8(proto: onnx.ModelProto) -> int:
+    """Rewrite every activation Q/DQ from int8 (zero point 0) to uint8 (zero point 128), in place;
+    weights stay int8. Returns how many nodes changed.
+
+    The same numbers (``q_u8 = q_s8 + 128``, both dequantize to ``(q - zp) * scale``), in the form
+    ONNX Runtime's x86 CPU kernels want (U8S8). ORT converts int8 activations itself, but skips a
+    QuantizeLinear read twice, as a SiLU (``x * sigmoid(x)``) reads its input; the conv before it
+    is then left with a uint8 input and an int8 output and runs in float. For the ORT layout only:
+    TensorRT wants int8.
+    """
+    graph = proto.graph
+    initializers = {i.name for i in graph.initializer}
+    weight_q = {n.output[0] for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] in initializers}
+    changed = 0
+    for node in graph.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+            continue
+        if node.input[0] in initializers or node.input[0] in weight_q:
+            continue
+        zero_point = f"{node.name or node.output[0]}_zero_point_u8"
+        graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), zero_point))
+        node.input[2] = zero_point
+        changed += 1
+    used = {i for n in graph.node for i in n.input}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    return changed
+
+
 def _constant_values(tensor: object) -> np.ndarray | None:
     """Values of a graph-surgeon constant, also behind the ``Identity`` nodes the TorchScript exporter
     writes when it de-duplicates equal initializers; None for a computed tensor."""

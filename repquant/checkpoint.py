@@ -112,8 +112,6 @@ def load_model(
     deployed). Every tensor name and shape is checked before copying; the first mismatch is named.
     ``expected_name`` / ``expected_num_classes`` guard against loading the wrong variant.
     """
-    from repquant.reparam import reparameterize
-
     state, metadata = load_checkpoint(path, map_location="cpu")
     config = metadata.get("repquant_config")
     if not isinstance(config, dict) or "name" not in config:
@@ -123,12 +121,27 @@ def load_model(
         raise CheckpointError(f"{path}: checkpoint is {variant}, expected {expected_name}")
     if expected_num_classes is not None and config.get("num_classes") != expected_num_classes:
         raise CheckpointError(f"{path}: checkpoint is {variant}, expected num_classes {expected_num_classes}")
+    return model_from_state(path, state, metadata).to(map_location).eval()
+
+
+def model_from_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> nn.Module:
+    """Build the model described by checkpoint ``metadata`` (re-parameterized when it is deployed) and load
+    ``state`` into it after checking every name and shape; ``path`` only names the file in errors."""
+    from repquant.reparam import reparameterize
+
+    path = Path(path)
+    config = metadata.get("repquant_config")
+    if not isinstance(config, dict) or "name" not in config:
+        raise CheckpointError(f"{path}: no model config in checkpoint metadata")
     model = _build_model(path, config)
     if metadata.get("deployed"):
         model = reparameterize(model)
-    _check_state_dict(path, variant, model.state_dict(), state)
+    if "repquant_quant" in metadata and any("_quantizer." in k for k in state):
+        raise CheckpointError(f"{path}: a quantized (QAT) checkpoint; `repquant export` and `repquant eval` "
+                              "read it, float-model commands do not")
+    _check_state_dict(path, _describe(config), model.state_dict(), state)
     model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval()
+    return model
 
 
 def resolve_model(spec: str, num_classes: int | None = None) -> nn.Module:

@@ -71,8 +71,15 @@ NUM_CLASSES_HELP = "Classes for a registry name (default 80); a checkpoint must 
 @click.version_option(__version__, "-V", "--version", prog_name="repquant")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch intra-op threads.")
 @click.option("--debug", is_flag=True, help="Show tracebacks (same as REPQUANT_DEBUG=1).")
-def cli(threads: int | None, debug: bool) -> None:
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True, help="What long commands log to stderr (what they do, per-epoch losses).")
+def cli(threads: int | None, debug: bool, log_level: str) -> None:
     """YOLOv6 re-parameterized detectors from training to fast INT8 deployment."""
+    import logging
+
+    # force=True: rebind to the current stderr on every invocation (tests invoke the CLI many times).
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname).1s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
 @cli.command("list-models")
@@ -144,10 +151,21 @@ def export(
     num_classes: int | None,
     raw: bool,
 ) -> None:
-    """Re-parameterize and export to ONNX (images -> boxes, scores)."""
+    """Re-parameterize and export to ONNX (images -> boxes, scores); a `repquant qat` checkpoint -> QDQ ONNX."""
     _setup_torch(ctx)
     from repquant.checkpoint import resolve_model
     from repquant.deploy.onnx_export import export_onnx
+    from repquant.quant.qat import is_quantized_checkpoint
+
+    if is_quantized_checkpoint(model_spec):
+        if raw or batch_size != 1 or opset != 17:
+            raise click.UsageError("a quantized checkpoint exports decoded outputs at opset 17 with a dynamic "
+                                   "or static-1 batch; drop --raw / --batch-size / --opset")
+        from repquant.deploy.ptq import export_quantized_checkpoint
+
+        path = export_quantized_checkpoint(model_spec, output, img_size, dynamic_batch=dynamic_batch)
+        click.echo(f"wrote {path} (QDQ, {path.stat().st_size / 1e6:.1f} MB, {img_size}x{img_size})")
+        return
 
     model = resolve_model(model_spec, num_classes)
     path = export_onnx(
@@ -377,6 +395,62 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
     click.echo("fake-quant torch vs ONNX Runtime SNR: " + ", ".join(
         f"{name} {db:.1f} dB (1-ulp floor {result.parity.floor_db[name]:.1f} dB)"
         for name, db in result.parity.snr_db.items()))
+
+
+@cli.command("qat")
+@click.option("--model", "model_spec", required=True, help=MODEL_HELP)
+@click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Dataset YAML: training and calibration images from its train split, mAP on val.")
+@click.option("--keep-float", type=click.IntRange(min=0), default=6, show_default=True,
+              help="Most sensitive layers left without quantizers (partial QAT); 0 = full QAT.")
+@click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now).")
+@click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse", show_default=True)
+@click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
+              show_default=True)
+@click.option("--cw-distill", is_flag=True, help="Channel-wise distillation of the neck outputs from the FP32 model.")
+@click.option("--cw-tau", type=float, default=1.0, show_default=True, help="CWD temperature.")
+@click.option("--cw-weight", type=float, default=10.0, show_default=True,
+              help="CWD loss weight (cosine-decayed to 1% over the run).")
+@click.option("--kd-cls", is_flag=True, help="Also distill the class logits from the FP32 model.")
+@click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--lr", type=float, default=1e-5, show_default=True, help="SGD learning rate (cosine to 1%).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
+@click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
+              show_default=True)
+@click.option("--calib-images", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--layout", type=click.Choice(["tensorrt", "ort"]), default="tensorrt", show_default=True,
+              help="Quantizers trained and exported: tensorrt (inputs + weights) or ort (also conv outputs).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 (torchrun: per rank).")
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue the run whose state is <output>.state.pt.")
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False),
+              help="Quantized checkpoint to write (.safetensors); `repquant export` turns it into QDQ ONNX.")
+@click.pass_context
+def qat_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int, sensitivity_json: str | None,
+            metric: str, mode: str, cw_distill: bool, cw_tau: float, cw_weight: float, kd_cls: bool, epochs: int,
+            lr: float, batch_size: int, img_size: int, calib_method: str, calib_images: int, layout: str, seed: int,
+            device: str, workers: int, resume: bool, output: str) -> None:
+    """Partial QAT from the calibrated PTQ model, with optional channel-wise self-distillation (CWD)."""
+    _setup_torch(ctx)
+    from repquant.quant.qat import QATConfig, qat_train
+
+    if not output.endswith(".safetensors"):
+        raise click.BadParameter(f"must end in .safetensors, got {output!r}", param_hint="--output")
+    config = QATConfig(model=model_spec, data=data_yaml, output=output, keep_float=keep_float,
+                       sensitivity_json=sensitivity_json, ranking_mode=mode,
+                       ranking_metric=_METRIC_CHOICES[metric][0], cw_distill=cw_distill, cw_tau=cw_tau,
+                       cw_weight=cw_weight, kd_cls=kd_cls, epochs=epochs, lr=lr, batch_size=batch_size,
+                       img_size=img_size, calib_images=calib_images, calib_method=calib_method, layout=layout,
+                       seed=seed, device=device, workers=workers)
+    result = qat_train(config, resume=resume)
+    for row in result.history:
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in row.items() if k not in ("epoch", "map50_95", "map50"))
+        click.echo(f"epoch {int(row['epoch'])}: fake-quant mAP@.5:.95 {row['map50_95']:.4f}  {losses}")
+    click.echo(f"wrote {result.checkpoint} (best epoch {result.best_epoch}, mAP@.5:.95 {result.best_map50_95:.4f}); "
+               f"float: {', '.join(result.keep_float_layers) or 'none'}")
 
 
 @cli.command()

@@ -96,6 +96,14 @@ def read_safetensors(path: str | os.PathLike, device: str = "cpu") -> tuple[dict
     return tensors, metadata
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw string metadata of a safetensors file, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt", device="cpu") as f:
+        return dict(f.metadata() or {})
+
+
 def atomic_torch_save(obj: object, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_open` (trainer state, optimizer moments)."""
     import torch

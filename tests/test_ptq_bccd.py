@@ -46,8 +46,7 @@ def ptq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def test_fake_quant_matches_onnx_runtime(ptq) -> None:
     parity = ptq.parity
     assert parity.snr_db["boxes"] >= 30.0, parity
-    for name, db in parity.snr_db.items():
-        assert db >= parity.floor_db[name] - FLOOR_MARGIN_DB, parity
+    assert parity.exact(FLOOR_MARGIN_DB), parity
 
 
 def test_qdq_graph(ptq) -> None:
@@ -120,8 +119,7 @@ def test_parity_catches_a_wrong_scale(tmp_path: Path) -> None:
     good = export_quantized_onnx(qmodel, tmp_path / "good.onnx", (160, 160), {})
     images = torch.cat(batches)
     exact = qdq_parity(qmodel, good, images)
-    for name, db in exact.snr_db.items():
-        assert db >= exact.floor_db[name] - FLOOR_MARGIN_DB, exact
+    assert exact.exact(FLOOR_MARGIN_DB), exact
     proto = onnx.load(str(good))
     consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
     weight_q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear"
@@ -132,4 +130,4 @@ def test_parity_catches_a_wrong_scale(tmp_path: Path) -> None:
     dq.input[1] = "wrong_scale"  # the Q node keeps the right scale: dequantized weights come out doubled
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     bad = qdq_parity(qmodel, tmp_path / "bad.onnx", images)
-    assert any(db < bad.floor_db[name] - FLOOR_MARGIN_DB for name, db in bad.snr_db.items()), bad
+    assert not bad.exact(FLOOR_MARGIN_DB), bad

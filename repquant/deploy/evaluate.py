@@ -25,8 +25,12 @@ def _onnx_predictor(path: Path, img_size: int | None, threads: int | None):
 def _torch_predictor(path: str, img_size: int | None, device: str):
     from repquant.checkpoint import load_checkpoint, resolve_model
     from repquant.models import DecodedDetector
+    from repquant.quant.qat import is_quantized_checkpoint, load_quantized_model
 
-    model = resolve_model(path).float().to(device).eval()
+    if is_quantized_checkpoint(path):  # QAT output: evaluate the fake-quant model
+        model = load_quantized_model(path)[0].to(device).eval()
+    else:
+        model = resolve_model(path).float().to(device).eval()
     if img_size is None:
         _, metadata = load_checkpoint(path)
         img_size = int(metadata.get("img_size") or metadata.get("recipe", {}).get("img_size") or 640)

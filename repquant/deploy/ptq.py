@@ -26,6 +26,11 @@ import torch
 from repquant.deploy.onnx_export import DECODED_OUTPUTS, INPUT_NAME, export_metadata, set_onnx_metadata
 from repquant.errors import CalibrationError
 from repquant.io import atomic_write_bytes
+from repquant.quant.report import keep_float_from_sensitivity, rank_keep_float
+
+__all__ = ["FLOAT_DTYPES", "LAYOUTS", "PTQResult", "QDQParity", "export_quantized_checkpoint",
+           "export_quantized_onnx", "keep_float_from_sensitivity",
+           "ptq_command", "qdq_parity", "search_keep_float"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +51,6 @@ class PTQResult:
     auto_search: list[dict[str, float]] | None = None
     parity: QDQParity | None = None
     float_dtype: str = "fp32"
-
-
-def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str) -> tuple[str, ...]:
-    """The first ``k`` layers of ``rankings[mode][metric]`` in a ``repquant sensitivity`` JSON."""
-    path = Path(path)
-    try:
-        rankings = json.loads(path.read_text())["rankings"]
-    except (OSError, ValueError, KeyError) as err:
-        raise CalibrationError(f"{path}: not a repquant sensitivity JSON ({type(err).__name__}: {err})") from None
-    if mode not in rankings or metric not in rankings[mode]:
-        have = [f"{m}/{k}" for m, per in rankings.items() for k in per]
-        raise CalibrationError(f"{path}: no ranking {mode}/{metric}; it has {', '.join(have)}")
-    ranking = rankings[mode][metric]
-    if k > len(ranking):
-        raise CalibrationError(f"{path}: --keep-float {k} but the model has only {len(ranking)} quantizable layers")
-    return tuple(ranking[:k])
 
 
 def search_keep_float(model: torch.nn.Module, qmodel: torch.nn.Module, placement: Any, ranking: list[str],
@@ -143,6 +132,11 @@ class QDQParity:
     snr_db: dict[str, float]
     floor_db: dict[str, float]
 
+    def exact(self, margin_db: float = 3.0, enough_db: float = 60.0) -> bool:
+        """Every output within ``margin_db`` of its floor, or above ``enough_db`` (agreement beyond which
+        nothing is left to compare: a model without rounding-boundary values has an infinite floor)."""
+        return all(db >= min(self.floor_db[name] - margin_db, enough_db) for name, db in self.snr_db.items())
+
 
 def qdq_parity(qmodel: torch.nn.Module, onnx_path: str | os.PathLike, images: torch.Tensor) -> QDQParity:
     """Compare the ONNX Runtime session (CPU, all graph optimizations: integer kernels where ORT
@@ -163,6 +157,17 @@ def qdq_parity(qmodel: torch.nn.Module, onnx_path: str | os.PathLike, images: to
     return QDQParity(parity, floor)
 
 
+def export_quantized_checkpoint(path: str | os.PathLike, output: str | os.PathLike, img_size: int,
+                                dynamic_batch: bool = True) -> Path:
+    """The QDQ ONNX of a quantized checkpoint written by ``repquant qat``: its quantizers, keep-float
+    layers and layout as recorded, so the file matches what ``repquant ptq`` writes for the same model."""
+    from repquant.quant.qat import load_quantized_model
+
+    qmodel, info = load_quantized_model(path)
+    return export_quantized_onnx(qmodel, output, (img_size, img_size), info, dynamic_batch=dynamic_batch,
+                                 uint8_activations=info.get("layout") == "ort")
+
+
 def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: str | os.PathLike,
                 keep_float: int | str = 6, sensitivity_json: str | os.PathLike | None = None,
                 metric: str = "mse", mode: str = "isolated", calib_method: str = "max",
@@ -180,7 +185,7 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     """
     from repquant.quant.config import QuantConfig
     from repquant.quant.report import load_for_quantization
-    from repquant.quant.sensitivity import layer_sensitivity, quantized_copy
+    from repquant.quant.sensitivity import quantized_copy
 
     if layout not in LAYOUTS:
         raise ValueError(f"ptq: layout must be one of {LAYOUTS}, got {layout!r}")
@@ -194,15 +199,8 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
         raise CalibrationError(f"ptq: --keep-float must be a count >= 0 or 'auto', got {keep_float!r}")
     wanted = max_keep_float if auto else int(keep_float)
     search: list[dict[str, float]] | None = None
-    if wanted == 0:
-        ranking: list[str] = []
-    elif sensitivity_json is not None:
-        ranking = list(keep_float_from_sensitivity(sensitivity_json, wanted, mode, metric))
-    else:
-        logger.info("ptq: measuring %s %s sensitivity to rank keep-float layers", mode, metric)
-        result = layer_sensitivity(model, batches, base, modes=(mode,), progress=progress,
-                                   isolated_images=isolated_images)
-        ranking = result.ranking(mode, metric)[:wanted]
+    ranking = list(rank_keep_float(model, batches, base, wanted, sensitivity_json, mode, metric, isolated_images,
+                                   progress))
     if auto:
         from repquant.data import DetectionDataset
 

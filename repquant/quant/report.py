@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import nn
+from torch import Tensor, nn
 
+from repquant.errors import CalibrationError
 from repquant.io import atomic_write_text
 from repquant.quant.config import QuantConfig
 from repquant.quant.placement import QuantPlacement
@@ -242,6 +243,44 @@ def map_check(model: nn.Module, qmodel: nn.Module, placement: QuantPlacement, da
             scores = [sign * getattr(result.layer(n).modes[mode], metric) for n in layers]
             correlation[mode][metric] = _num(spearman(scores, [drops[n] for n in layers]))
     return {"float_map50_95": base, "map_drop": drops, "spearman": correlation}
+
+
+# --- keep-float rankings --------------------------------------------------------------------------------
+
+
+def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str) -> tuple[str, ...]:
+    """The first ``k`` layers of ``rankings[mode][metric]`` in a ``repquant sensitivity`` JSON."""
+    path = Path(path)
+    try:
+        rankings = json.loads(path.read_text())["rankings"]
+    except (OSError, ValueError, KeyError) as err:
+        raise CalibrationError(f"{path}: not a repquant sensitivity JSON ({type(err).__name__}: {err})") from None
+    if mode not in rankings or metric not in rankings[mode]:
+        have = [f"{m}/{k}" for m, per in rankings.items() for k in per]
+        raise CalibrationError(f"{path}: no ranking {mode}/{metric}; it has {', '.join(have)}")
+    ranking = rankings[mode][metric]
+    if k > len(ranking):
+        raise CalibrationError(f"{path}: --keep-float {k} but the model has only {len(ranking)} quantizable layers")
+    return tuple(ranking[:k])
+
+
+
+def rank_keep_float(model: nn.Module, batches: Sequence[Tensor], config: Any, k: int,
+                    sensitivity_json: str | os.PathLike | None, mode: str = "isolated", metric: str = "mse",
+                    isolated_images: int | None = 32, progress: bool = False) -> tuple[str, ...]:
+    """The ``k`` most sensitive layers: from a ``repquant sensitivity`` JSON when given, else measured now
+    on ``batches`` (``layer_sensitivity`` restricted to ``mode``)."""
+    if k == 0:
+        return ()
+    if sensitivity_json is not None:
+        return keep_float_from_sensitivity(sensitivity_json, k, mode, metric)
+    logger.info("measuring %s %s sensitivity to rank keep-float layers", mode, metric)
+    result = layer_sensitivity(model, batches, config, modes=(mode,), progress=progress,
+                               isolated_images=isolated_images)
+    ranking = result.ranking(mode, metric)
+    if k > len(ranking):
+        raise CalibrationError(f"--keep-float {k} but the model has only {len(ranking)} quantizable layers")
+    return tuple(ranking[:k])
 
 
 # --- the CLI's one call -----------------------------------------------------------------------------

@@ -108,7 +108,7 @@ class TrainConfig:
     def resolved_iou_type(self) -> str:
         if self.iou_type is not None:
             return self.iou_type
-        return "siou" if self.model.split("-")[0] in _SIOU_MODELS else "giou"
+        return default_iou_type(self.model)
 
     @property
     def close_mosaic_at(self) -> int:
@@ -146,3 +146,8 @@ def override(config: TrainConfig, **overrides: Any) -> TrainConfig:
     # Through the recipe converter so command-line strings become Paths/nested dataclasses, type-checked.
     merged = {**recipe_to_dict(config), **overrides}
     return recipe_from_dict(merged, TrainConfig, source="TrainConfig override")
+
+
+def default_iou_type(model_name: str) -> str:
+    """YOLOv6's box loss for a variant: SIoU for N and T, GIoU for the others."""
+    return "siou" if model_name.split("-")[0] in _SIOU_MODELS else "giou"

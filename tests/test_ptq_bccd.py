@@ -3,10 +3,10 @@ points, keep-float convs without Q/DQ), integer execution in ONNX Runtime, and f
 parity in both layouts.
 
 Parity: boxes >= 30 dB. The scores output of this checkpoint cannot reach 30 dB between *any* two exact
-INT8 implementations: moving every input pixel by one float32 ulp already moves torch fake-quant's own
-scores to ~29-31 dB (``QDQParity.floor_db``; ORT against itself: the same), because values on rounding
-boundaries flip and the flips propagate through ~60 quantized layers into the sigmoid. So each output
-must be within 3 dB of that floor; a wrong scale, axis or layout costs far more (one weight's scale
+INT8 executions: ONNX Runtime running the same file with and without graph optimizations agrees with
+itself to ~25-30 dB on scores (``QDQParity.floor_db``), because values on rounding boundaries flip with
+the kernel's float rounding and the flips propagate through ~60 quantized layers into the sigmoid. So
+each output must be within 3 dB of that floor; a wrong scale costs far more (one weight's scale
 doubled: scores 29 -> 10 dB, test_parity_catches_a_wrong_scale)."""
 
 from __future__ import annotations

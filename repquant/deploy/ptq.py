@@ -179,7 +179,7 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     Without ``sensitivity_json`` the ranking ``mode``/``metric`` is measured on the calibration images
     (``layer_sensitivity`` restricted to ``mode``). ``keep_float="auto"``: the smallest K whose INT8
     mAP@.5:.95 on the val split is within ``max_ap_drop`` of FP32, measured with torch fake-quant in
-    the TensorRT layout (inputs + weights). ``float_dtype="fp16"`` writes the keep-float convs as FP16.
+    the exported ``layout``. ``float_dtype="fp16"`` writes the keep-float convs as FP16.
     The result carries the fake-quant vs ONNX Runtime parity (``QDQParity``) on the first calibration batches.
     """
     from repquant.quant.config import QuantConfig
@@ -203,7 +203,10 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     if auto:
         from repquant.data import DetectionDataset
 
-        qmodel, placement = quantized_copy(model, batches, base)
+        # Searched in the layout that is exported: the ORT layout also quantizes conv outputs.
+        searched = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images,
+                               quantize_conv_outputs=layout == "ort")
+        qmodel, placement = quantized_copy(model, batches, searched)
         val = DetectionDataset(data_config, "val", img_size, augment=False)
         k, search = search_keep_float(model, qmodel, placement, ranking, val, max_ap_drop, max_keep_float, progress)
         ranking = ranking[:k]

@@ -266,12 +266,13 @@ def _device(model: nn.Module) -> torch.device:
 
 
 def set_enabled_layers(qmodel: nn.Module, placement: QuantPlacement, layers: Iterable[str] | None) -> None:
-    """Enable only the quantizers of ``layers`` (None: all placement quantizers) that calibration enabled.
+    """Enable only the quantizers of ``layers`` (None: every placement layer) that calibration enabled,
+    output quantizers (ORT layout) included.
 
     Quantizers of keep-float layers (``amax`` never set) stay disabled.
     """
-    wanted = set(placement.names()) if layers is None else {
-        q.name for q in placement.quantizers if q.layer in set(layers)}
+    chosen = {ly.name for ly in placement.layers} if layers is None else set(layers)
+    wanted = {q.name for q in placement.quantizers if q.layer in chosen} | {f"{n}.output_quantizer" for n in chosen}
     for name, q in _modelopt.iter_quantizers(qmodel):
         calibrated = getattr(q, "_amax", None) is not None
         if name in wanted and calibrated:

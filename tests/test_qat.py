@@ -143,3 +143,15 @@ def test_torchrun_two_processes_gloo(data_yaml: Path, start, tmp_path: Path) -> 
     state = torch_load_weights_only(Path(f"{out}.state.pt"))
     assert state["epoch"] == 0 and len(state["history"]) == 1
     assert load_quantized_model(out)[1]["keep_float_layers"] == [KEEP]
+
+
+def test_bad_settings_are_one_line_errors(data_yaml: Path, tmp_path: Path) -> None:
+    from repquant.errors import RecipeError
+
+    with pytest.raises(RecipeError, match="qat: keep_float must be >= 0, got -1; layout must be one of"):
+        QATConfig(model="yolov6n", data=str(data_yaml), output="x.safetensors", keep_float=-1, layout="onnx")
+    missing = tmp_path / "never.safetensors"
+    with pytest.raises(CheckpointError, match="never.safetensors.state.pt: no QAT state to resume from"):
+        qat_train(QATConfig(model="yolov6n", data=str(data_yaml), output=str(missing), img_size=64), resume=True)
+    res = CliRunner().invoke(cli, ["qat", "--model", "yolov6n", "--data", str(data_yaml), "--output", "qat.ckpt"])
+    assert res.exit_code == 2 and "must end in .safetensors" in res.output

@@ -26,8 +26,9 @@ def test_demo_runs_end_to_end_and_backends_agree(tmp_path):
 def test_demo_refuses_to_overwrite_a_run(tmp_path):
     (tmp_path / "demo" / "train" / "weights").mkdir(parents=True)
     (tmp_path / "demo" / "train" / "weights" / "last.pt").write_bytes(b"x")
-    out = CliRunner().invoke(cli, ["demo", "--output", str(tmp_path / "demo"), "--img-size", "64",
-                                   "--epochs", "1"])
+    # --log-level warning: without the INFO progress log (the generated dataset) only the error remains.
+    out = CliRunner().invoke(cli, ["--log-level", "warning", "demo", "--output", str(tmp_path / "demo"),
+                                   "--img-size", "64", "--epochs", "1"])
     assert out.exit_code == 1
     assert out.output.count("\n") == 1 and out.output.startswith("error: ")
 

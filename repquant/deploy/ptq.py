@@ -26,6 +26,7 @@ import torch
 from repquant.deploy.onnx_export import DECODED_OUTPUTS, INPUT_NAME, export_metadata, set_onnx_metadata
 from repquant.errors import CalibrationError
 from repquant.io import atomic_write_bytes
+from repquant.quant.config import LAYOUTS, quant_info
 from repquant.quant.report import keep_float_from_sensitivity, rank_keep_float
 
 __all__ = ["FLOAT_DTYPES", "LAYOUTS", "PTQResult", "QDQParity", "export_quantized_checkpoint",
@@ -34,7 +35,6 @@ __all__ = ["FLOAT_DTYPES", "LAYOUTS", "PTQResult", "QDQParity", "export_quantize
 
 logger = logging.getLogger(__name__)
 
-LAYOUTS = ("tensorrt", "ort")
 FLOAT_DTYPES = ("fp32", "fp16")
 PARITY_BATCHES = 4  # calibration batches compared between torch fake-quant and ONNX Runtime
 
@@ -90,7 +90,7 @@ def search_keep_float(model: torch.nn.Module, qmodel: torch.nn.Module, placement
 
 
 def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_hw: tuple[int, int],
-                          quant_info: dict[str, Any], dynamic_batch: bool = True,
+                          info: dict[str, Any], dynamic_batch: bool = True,
                           fp16_layers: tuple[str, ...] = (), uint8_activations: bool = False) -> Path:
     """Export the calibrated fake-quant YOLOv6 ``qmodel`` with box decoding as QDQ ONNX, with metadata.
 
@@ -114,7 +114,7 @@ def export_quantized_onnx(qmodel: torch.nn.Module, path: str | os.PathLike, img_
     if uint8_activations:
         activations_to_uint8(proto)
     metadata = export_metadata(qmodel.config, img_hw, 0 if dynamic_batch else 1)
-    metadata["repquant_quant"] = json.dumps(quant_info, sort_keys=True)
+    metadata["repquant_quant"] = json.dumps(info, sort_keys=True)
     set_onnx_metadata(proto, metadata)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
@@ -214,11 +214,9 @@ def ptq_command(model_path_or_name: str, data_yaml: str | os.PathLike, output: s
     config = QuantConfig(calib_method=calib_method, percentile=percentile, num_calib_images=calib_images,
                          keep_float_layers=keep, quantize_conv_outputs=layout == "ort")
     qmodel, placement = quantized_copy(model, batches, config)
-    quant_info = {"keep_float_layers": list(keep), "calib_method": calib_method, "percentile": percentile,
-                  "calib_images": calib_images, "calib_seed": seed, "layout": layout,
-                  "ranking": None if not keep else f"{mode}/{metric}", "auto_search": search,
-                  "max_ap_drop": max_ap_drop if auto else None, "float_dtype": float_dtype}
-    path = export_quantized_onnx(qmodel, output, (img_size, img_size), quant_info,
+    info = quant_info(config, layout, calib_seed=seed, ranking=None if not keep else f"{mode}/{metric}",
+                      auto_search=search, max_ap_drop=max_ap_drop if auto else None, float_dtype=float_dtype)
+    path = export_quantized_onnx(qmodel, output, (img_size, img_size), info,
                                  fp16_layers=_float_convs(placement, keep) if float_dtype == "fp16" else (),
                                  uint8_activations=layout == "ort")
     parity = qdq_parity(qmodel, path, torch.cat(batches[:PARITY_BATCHES]))

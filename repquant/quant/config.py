@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from repquant.errors import RecipeError
 
 CALIB_METHODS = ("max", "percentile", "entropy", "mse")
+# tensorrt: inputs + weights quantized; ort: also every quantized conv's output (ONNX Runtime QLinearConv).
+LAYOUTS = ("tensorrt", "ort")
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,9 @@ class QuantConfig:
         if isinstance(self.keep_float_layers, str):
             raise RecipeError("quant.keep_float_layers: expected a list of layer names, got a string")
         object.__setattr__(self, "keep_float_layers", tuple(self.keep_float_layers))
+
+
+def quant_info(config: QuantConfig, layout: str, **extra: object) -> dict[str, object]:
+    """The ``repquant_quant`` record (checkpoint and ONNX metadata) that rebuilds the quantizers."""
+    return {"keep_float_layers": list(config.keep_float_layers), "calib_method": config.calib_method,
+            "percentile": config.percentile, "calib_images": config.num_calib_images, "layout": layout, **extra}

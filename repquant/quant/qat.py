@@ -34,13 +34,12 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm import tqdm
 
 from repquant.errors import CheckpointError, RecipeError, RepquantError
-from repquant.quant.config import CALIB_METHODS, QuantConfig
+from repquant.quant.config import CALIB_METHODS, LAYOUTS, QuantConfig, quant_info
 
 logger = logging.getLogger(__name__)
 
 QUANT_METADATA_KEY = "repquant_quant"
 STATE_FORMAT = 1
-LAYOUTS = ("tensorrt", "ort")
 
 
 @dataclass(frozen=True)
@@ -121,12 +120,6 @@ class _FeatureTap:
 
     def _store(self, module: nn.Module, inputs: Any, output: Any) -> None:
         self.features = tuple(output)
-
-
-def quant_info(config: QuantConfig, keep_float_layers: Sequence[str], layout: str, **extra: Any) -> dict[str, Any]:
-    """The ``repquant_quant`` record (checkpoint and ONNX metadata) that rebuilds the quantizers."""
-    return {"keep_float_layers": list(keep_float_layers), "calib_method": config.calib_method,
-            "percentile": config.percentile, "calib_images": config.num_calib_images, "layout": layout, **extra}
 
 
 def load_quantized_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, Any]]:
@@ -342,7 +335,7 @@ class _QATRun:
     def _save_checkpoint(self) -> None:
         from repquant.checkpoint import save_checkpoint
 
-        info = quant_info(self.qconfig, self.keep, self.cfg.layout, calib_seed=self.cfg.seed,
+        info = quant_info(self.qconfig, self.cfg.layout, calib_seed=self.cfg.seed,
                           qat={k: v for k, v in asdict(self.cfg).items() if k not in ("output",)})
         save_checkpoint(self.cfg.output, self.qmodel, extra_metadata={
             QUANT_METADATA_KEY: info, "map50_95": self.best_map, "epoch": self.epoch, "img_size": self.cfg.img_size,

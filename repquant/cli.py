@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -343,6 +343,17 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
     click.echo("wrote " + ", ".join(str(p) for p in paths.values()))
 
 
+def _keep_float_ranking_options(command: Callable) -> Callable:
+    """--sensitivity / --metric / --mode: where ptq and qat take the ranking of keep-float layers from."""
+    command = click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
+                           show_default=True)(command)
+    command = click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse",
+                           show_default=True)(command)
+    return click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False),
+                        default=None, help="`repquant sensitivity` JSON to rank layers (default: measure the "
+                                           "ranking now).")(command)
+
+
 @cli.command("ptq")
 @click.option("--model", "model_spec", required=True, help=MODEL_HELP)
 @click.option("--data", "data_yaml", required=True, type=click.Path(exists=True, dir_okay=False),
@@ -354,11 +365,7 @@ def sensitivity_cmd(ctx: click.Context, model_spec: str, data_yaml: str, metric:
               help="For --keep-float auto: allowed mAP@.5:.95 drop (0.005 = 0.5 AP).")
 @click.option("--max-keep-float", type=click.IntRange(min=0), default=12, show_default=True,
               help="For --keep-float auto: largest number of float layers tried.")
-@click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now).")
-@click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse", show_default=True)
-@click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
-              show_default=True)
+@_keep_float_ranking_options
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
               show_default=True)
 @click.option("--percentile", type=float, default=99.99, show_default=True)
@@ -393,7 +400,7 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
     click.echo(f"wrote {result.onnx_path}: {result.quantized_layers} layers INT8, float ({result.float_dtype}): "
                f"{', '.join(result.keep_float_layers) or 'none'}")
     click.echo("fake-quant torch vs ONNX Runtime SNR: " + ", ".join(
-        f"{name} {db:.1f} dB (1-ulp floor {result.parity.floor_db[name]:.1f} dB)"
+        f"{name} {db:.1f} dB (ORT-vs-ORT floor {result.parity.floor_db[name]:.1f} dB)"
         for name, db in result.parity.snr_db.items()))
 
 
@@ -403,11 +410,7 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
               help="Dataset YAML: training and calibration images from its train split, mAP on val.")
 @click.option("--keep-float", type=click.IntRange(min=0), default=6, show_default=True,
               help="Most sensitive layers left without quantizers (partial QAT); 0 = full QAT.")
-@click.option("--sensitivity", "sensitivity_json", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now).")
-@click.option("--metric", type=click.Choice(list(_METRIC_CHOICES)[:3]), default="mse", show_default=True)
-@click.option("--mode", type=click.Choice(["isolated", "accumulated", "local"]), default="isolated",
-              show_default=True)
+@_keep_float_ranking_options
 @click.option("--cw-distill", is_flag=True, help="Channel-wise distillation of the neck outputs from the FP32 model.")
 @click.option("--cw-tau", type=float, default=1.0, show_default=True, help="CWD temperature.")
 @click.option("--cw-weight", type=float, default=10.0, show_default=True,

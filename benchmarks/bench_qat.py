@@ -22,7 +22,9 @@ from repquant.io import atomic_write_text
 from repquant.quant.qat import QATConfig, qat_train
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"full QAT": (0, False), "partial QAT": (6, False), "partial QAT + CWD": (6, True)}
+# name -> (keep-float layers, CWD, learnable scales)
+VARIANTS = {"full QAT": (0, False, False), "partial QAT": (6, False, False), "partial QAT + CWD": (6, True, False),
+            "partial QAT + CWD + learned scales": (6, True, True)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--calib-images", type=int, default=128)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--scale-lr", type=float, default=1e-3, help="Adam lr of log(amax) (learned-scales row)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        metavar="NAME", help=f"QAT rows to run (default: all of {list(VARIANTS)})")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     _, meta = load_checkpoint(args.checkpoint)
@@ -48,13 +53,15 @@ def main(argv: list[str] | None = None) -> None:
                           layout="ort", progress=False)
         rows.append({"variant": "PTQ K=6", "map50_95": evaluate_model(ptq.onnx_path, args.data,
                                                                        progress=False)[0].map50_95})
-        for name, (keep, cwd) in VARIANTS.items():
+        for name in args.variants:
+            keep, cwd, learn_scales = VARIANTS[name]
             per_seed = []
             for seed in args.seeds:
                 out = tmp / f"{name.replace(' ', '_').replace('+', '')}_{seed}.safetensors"
                 config = QATConfig(model=str(args.checkpoint), data=str(args.data), output=str(out), keep_float=keep,
                                    sensitivity_json=str(args.sensitivity) if args.sensitivity else None,
-                                   cw_distill=cwd, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                                   cw_distill=cwd, learn_scales=learn_scales, scale_lr=args.scale_lr,
+                                   epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                    img_size=img_size, calib_images=args.calib_images, layout="ort", seed=seed,
                                    device="cpu")
                 result = qat_train(config, progress=False)
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
                          "spread": max(maps) - min(maps)})
     fp32 = rows[0]["map50_95"]
     report = {"schema": "repquant.bench_qat/1", "checkpoint": str(args.checkpoint), "img_size": img_size,
-              "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seeds": args.seeds,
+              "epochs": args.epochs, "lr": args.lr, "scale_lr": args.scale_lr, "batch_size": args.batch_size, "seeds": args.seeds,
               "calib_images": args.calib_images,
               "sensitivity_json": str(args.sensitivity) if args.sensitivity else None,
               "evaluation": "INT8 rows: QDQ ONNX (ORT layout) run by ONNX Runtime CPU, pycocotools mAP on val",

@@ -418,6 +418,12 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
 @click.option("--kd-cls", is_flag=True, help="Also distill the class logits from the FP32 model.")
 @click.option("--epochs", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--lr", type=float, default=1e-5, show_default=True, help="SGD learning rate (cosine to 1%).")
+@click.option("--learn-scales", is_flag=True,
+              help="Train the quantizer scales too (LSQ gradients on log(amax), Adam; shared scales stay tied).")
+@click.option("--scale-lr", type=float, default=1e-3, show_default=True,
+              help="Adam learning rate of log(amax) with --learn-scales (~ relative change per step).")
+@click.option("--repopt-scales", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="RepOpt scales file of a train-repopt checkpoint (default: the one its recipe names).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
@@ -434,7 +440,7 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
 @click.pass_context
 def qat_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int, sensitivity_json: str | None,
             metric: str, mode: str, cw_distill: bool, cw_tau: float, cw_weight: float, kd_cls: bool, epochs: int,
-            lr: float, batch_size: int, img_size: int, calib_method: str, calib_images: int, layout: str, seed: int,
+            lr: float, learn_scales: bool, scale_lr: float, repopt_scales: str | None, batch_size: int, img_size: int, calib_method: str, calib_images: int, layout: str, seed: int,
             device: str, workers: int, resume: bool, output: str) -> None:
     """Partial QAT from the calibrated PTQ model, with optional channel-wise self-distillation (CWD)."""
     _setup_torch(ctx)
@@ -445,7 +451,8 @@ def qat_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int
     config = QATConfig(model=model_spec, data=data_yaml, output=output, keep_float=keep_float,
                        sensitivity_json=sensitivity_json, ranking_mode=mode,
                        ranking_metric=_METRIC_CHOICES[metric][0], cw_distill=cw_distill, cw_tau=cw_tau,
-                       cw_weight=cw_weight, kd_cls=kd_cls, epochs=epochs, lr=lr, batch_size=batch_size,
+                       cw_weight=cw_weight, kd_cls=kd_cls, epochs=epochs, lr=lr, learn_scales=learn_scales,
+                       scale_lr=scale_lr, repopt_scales=repopt_scales, batch_size=batch_size,
                        img_size=img_size, calib_images=calib_images, calib_method=calib_method, layout=layout,
                        seed=seed, device=device, workers=workers)
     result = qat_train(config, resume=resume)

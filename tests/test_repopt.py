@@ -17,6 +17,7 @@ from repquant.train.repopt import (
     RepOptimizer,
     build_repopt_optimizer,
     extract_scales,
+    folded_gradient_masks,
     gradient_mask,
     init_from_scales,
     load_scales,
@@ -323,3 +324,56 @@ def test_repopt_cuda_matches_cpu() -> None:
             opt.step()
         results.append(w.detach().cpu())
     assert (results[0] - results[1]).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_folded_masks_follow_the_train_form_repopt_steps(weight_decay: float) -> None:
+    """k RepOptimizer steps on the train-form block (BN frozen) == k steps with the folded mask on the
+    deployed conv: the BN-folded weights agree to 1e-10 (float64)."""
+    gen = torch.Generator().manual_seed(3)
+    block = RealVGGBlock(4, 4).to(DT).eval()
+    with torch.no_grad():
+        block.bn.weight.copy_(torch.rand(4, generator=gen, dtype=DT) * 2 + 0.1)
+        block.bn.bias.copy_(torch.randn(4, generator=gen, dtype=DT))
+        block.bn.running_mean.copy_(torch.randn(4, generator=gen, dtype=DT))
+        block.bn.running_var.copy_(torch.rand(4, generator=gen, dtype=DT) * 3 + 0.05)
+    block.bn.requires_grad_(False)
+    holder = nn.Module()
+    holder.blk = block
+    scales = {"blk.scale_conv": torch.rand(4, generator=gen) + 0.5, "blk.scale_1x1": torch.rand(4, generator=gen),
+              "blk.scale_identity": torch.rand(4, generator=gen)}
+    ((folded_name, folded_mask),) = folded_gradient_masks(holder, scales).items()
+    assert folded_name == "blk.rbr_reparam.weight"
+    deployed = copy.deepcopy(holder)
+    deployed.blk.reparameterize()
+    deployed.blk.rbr_reparam.bias.requires_grad_(False)
+    w_train, w_dep = block.conv.weight, deployed.blk.rbr_reparam.weight
+    hyper = dict(lr=0.01, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    train_mask = gradient_mask(w_train.shape, *(scales[f"blk.{k}"].to(DT) for k in ("scale_conv", "scale_1x1",
+                                                                                "scale_identity")))
+    opt_train = RepOptimizer([w_train], {w_train: train_mask}, **hyper)
+    opt_dep = RepOptimizer([w_dep], {w_dep: folded_mask.to(DT)}, **hyper)
+    start = w_dep.detach().clone()
+    for _ in range(5):
+        x = torch.randn(2, 4, 6, 6, generator=gen, dtype=DT)
+        target = torch.randn(2, 4, 6, 6, generator=gen, dtype=DT)
+        for opt, net in ((opt_train, holder), (opt_dep, deployed)):
+            opt.zero_grad()
+            (0.5 * ((net.blk(x) - target) ** 2).sum()).backward()
+            opt.step()
+    assert (w_dep.detach() - start).abs().max().item() > 1e-2, "weights did not move: the test proves nothing"
+    refolded = copy.deepcopy(holder)
+    refolded.blk.reparameterize()
+    assert (refolded.blk.rbr_reparam.weight - w_dep).abs().max().item() < 1e-10
+    # the unscaled mask (what feeding the train-form masks to the folded model would do) drifts off
+    assert not torch.allclose(folded_mask, train_mask)
+
+
+def test_folded_mask_names_are_deployed_parameters(n_scales: dict[str, torch.Tensor]) -> None:
+    from repquant.reparam import reparameterize
+
+    model = create_model("yolov6n", num_classes=3, block_mode="repopt").eval()
+    masks = folded_gradient_masks(model, n_scales)
+    params = dict(reparameterize(copy.deepcopy(model)).named_parameters())
+    assert len(masks) == sum(isinstance(m, RealVGGBlock) for m in model.modules())
+    assert all(name in params and params[name].shape == mask.shape for name, mask in masks.items())

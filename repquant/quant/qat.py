@@ -9,8 +9,12 @@ folded: the scales trained are the deployed ones), leave the ``keep_float_layers
   ``cw_weight * cosine_decay(epoch / epochs, 0.01) * cwd_loss(student, teacher, tau)``;
 - class-logit distillation (``kd_cls``) from the same teacher.
 
-Quantizer scales (``amax``) stay frozen: they are modelopt buffers, not parameters, so the optimizer
-never sees them and the exported Q/DQ scales are the calibrated ones. Runs under ``torchrun`` with DDP.
+Quantizer scales (``amax``) stay frozen by default (modelopt buffers: the exported Q/DQ scales are the
+calibrated ones); ``learn_scales`` trains them with LSQ gradients (``repquant.quant.learnable_scales``:
+``log(amax)`` by Adam at ``scale_lr``, shared-scale groups tied) and the trained ones are saved and exported.
+A RepOptimizer-trained model (``block_mode='repopt'``) is fine-tuned with its gradient masks, rescaled for
+the BN-folded weights (``repquant.train.repopt.folded_gradient_masks``), from ``repopt_scales`` or the
+scales file its training recipe names. Runs under ``torchrun`` with DDP.
 
 Files: ``output`` (safetensors: the fake-quant model's weights and ``amax`` buffers; metadata
 ``repquant_quant`` records the keep-float layers, layout and calibration so that ``load_quantized_model``
@@ -60,6 +64,9 @@ class QATConfig:
     kd_cls: bool = False
     kd_weight: float = 1.0
     kd_temperature: float = 20.0
+    learn_scales: bool = False
+    scale_lr: float = 1e-3
+    repopt_scales: str | None = None
     epochs: int = 10
     lr: float = 1e-5
     lrf: float = 0.01
@@ -81,8 +88,8 @@ class QATConfig:
             problems.append(f"keep_float must be >= 0, got {self.keep_float}")
         if self.epochs < 1 or self.batch_size < 1 or self.calib_images < 1:
             problems.append("epochs, batch_size and calib_images must be >= 1")
-        if self.lr <= 0 or self.cw_tau <= 0 or self.kd_temperature <= 0:
-            problems.append("lr, cw_tau and kd_temperature must be > 0")
+        if self.lr <= 0 or self.scale_lr <= 0 or self.cw_tau <= 0 or self.kd_temperature <= 0:
+            problems.append("lr, scale_lr, cw_tau and kd_temperature must be > 0")
         if self.cw_weight < 0 or self.kd_weight < 0:
             problems.append("cw_weight and kd_weight must be >= 0")
         if self.layout not in LAYOUTS:
@@ -146,6 +153,22 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, 
     return model.eval(), info
 
 
+def _recipe_scales_path(model_path: str) -> str | None:
+    """The ``repopt_scales`` file a checkpoint's training recipe names, if it still exists."""
+    import json
+
+    from repquant.io import read_safetensors_metadata
+
+    if not str(model_path).endswith(".safetensors") or not Path(model_path).is_file():
+        return None
+    recipe = read_safetensors_metadata(model_path).get("recipe")
+    try:
+        path = json.loads(recipe).get("repopt_scales") if isinstance(recipe, str) else None
+    except ValueError:
+        return None
+    return path if path and Path(path).is_file() else None
+
+
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     """True for a ``.safetensors`` checkpoint carrying ``repquant_quant`` metadata (cheap: header only)."""
     from repquant.io import read_safetensors_metadata
@@ -207,12 +230,28 @@ class _QATRun:
         logger.info("QAT: %d of %d layers quantized; float: %s", len(placement.layers) - len(self.keep),
                     len(placement.layers), ", ".join(self.keep) or "none")
         self.qmodel = qmodel.to(self.device).train()
+        self.scales, self.scale_optimizer, self.initial_amax = None, None, {}
+        if cfg.learn_scales:
+            from repquant.quant.learnable_scales import LearnableScales
+
+            self.scales = LearnableScales(self.qmodel, placement.shared_groups).to(self.device)
+            self.scale_optimizer = torch.optim.Adam(self.scales.parameters(), lr=cfg.scale_lr)
+            self.scale_optimizer.param_groups[0]["initial_lr"] = cfg.scale_lr
+            self.initial_amax = self.scales.amax()
+            logger.info("QAT: learning %d scales (%d quantizers, shared groups tied), Adam lr %g on log(amax)",
+                        len(self.scales.log_amax), sum(map(len, self.scales.members.values())), cfg.scale_lr)
         self.teacher = model.to(self.device).eval().requires_grad_(False)
         self.train_set = DetectionDataset(data_config, "train", cfg.img_size, augment=True, seed=cfg.seed)
         self.train_set.set_mosaic(False)  # fine-tuning: whole images, as deployed (flips, HSV, affine stay)
         self.val_set = DetectionDataset(data_config, "val", cfg.img_size) if self.main else None
         self.loader, self.sampler, self.generator = self._make_loader()
-        self.optimizer = schedule.build_optimizer(self.qmodel, cfg.lr, cfg.momentum, cfg.weight_decay)
+        masks = self._repopt_masks(model)
+        if masks:
+            from repquant.train.repopt import build_repopt_optimizer
+
+            self.optimizer = build_repopt_optimizer(self.qmodel, masks, cfg.lr, cfg.momentum, cfg.weight_decay)
+        else:
+            self.optimizer = schedule.build_optimizer(self.qmodel, cfg.lr, cfg.momentum, cfg.weight_decay)
         self.lf = schedule.cosine_lr_factor(cfg.epochs, cfg.lrf)
         mcfg = self.qmodel.config
         self.compute_loss = ComputeLoss(data_config.nc, mcfg.reg_max, mcfg.strides, default_iou_type(mcfg.name),
@@ -223,6 +262,36 @@ class _QATRun:
         if self.dist.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.qmodel, device_ids=ids)
+
+    def _repopt_masks(self, deployed: nn.Module) -> dict[nn.Parameter, Tensor]:
+        """Folded RepOptimizer masks for the quantized model's convs when ``cfg.model`` is RepOpt-trained."""
+        from repquant.checkpoint import resolve_model
+        from repquant.reparam import is_deployed
+        from repquant.train import repopt
+
+        cfg = self.cfg
+        block_mode = deployed.config.block_mode
+        if block_mode != "repopt":
+            if cfg.repopt_scales is not None:
+                raise RecipeError(f"qat: --repopt-scales given, but {cfg.model} was not trained with RepOptimizer "
+                                  f"(block_mode {block_mode})")
+            return {}
+        scales_path = cfg.repopt_scales or _recipe_scales_path(cfg.model)
+        if scales_path is None:
+            raise RecipeError(f"qat: {cfg.model} was trained with RepOptimizer; pass --repopt-scales (the scales "
+                              "file of its train-repopt run) so QAT keeps its gradient masks")
+        scales, _ = repopt.load_scales(scales_path)
+        train_form = resolve_model(cfg.model, num_classes=deployed.config.num_classes)
+        if is_deployed(train_form):
+            raise CheckpointError(f"{cfg.model}: a deployed RepOpt checkpoint; the QAT masks need the BN statistics "
+                                  "of the train-form checkpoint that train-repopt wrote")
+        folded = repopt.folded_gradient_masks(train_form, scales, source=str(scales_path))
+        params = dict(self.qmodel.named_parameters())
+        missing = [name for name in folded if name not in params]
+        if missing:
+            raise CheckpointError(f"{cfg.model}: deployed model has no parameter {missing[0]} for a RepOpt mask")
+        logger.info("QAT: RepOptimizer masks on %d folded convs (scales %s)", len(folded), scales_path)
+        return {params[name]: mask for name, mask in folded.items()}
 
     def _make_loader(self) -> tuple[DataLoader, DistributedSampler | None, torch.Generator]:
         from repquant.train import ddp
@@ -268,6 +337,8 @@ class _QATRun:
             self.sampler.set_epoch(epoch)
         self.generator.manual_seed(cfg.seed * 1_000_003 + epoch)
         schedule.set_epoch_lr(self.optimizer, self.lf(epoch))
+        if self.scale_optimizer is not None:
+            schedule.set_epoch_lr(self.scale_optimizer, self.lf(epoch))
         self.net.train()
         means: dict[str, float] = {}
         bar = tqdm(self.loader, disable=not (self.progress and self.main), leave=False,
@@ -302,9 +373,21 @@ class _QATRun:
         if self.dist.distributed:
             loss = loss * self.dist.world_size  # DDP averages gradients; YOLOv6 sums them over processes
         loss.backward()
+        if self.scales is not None:
+            self._step_scales()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return components
+
+    def _step_scales(self) -> None:
+        if self.dist.distributed:  # the scales live outside DDP: average their gradients by hand
+            for p in self.scales.parameters():
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad /= self.dist.world_size
+        self.scale_optimizer.step()
+        self.scale_optimizer.zero_grad(set_to_none=True)
+        self.scales.sync()
 
     def _end_epoch(self, losses: dict[str, float]) -> None:
         from repquant.io import atomic_torch_save
@@ -313,6 +396,10 @@ class _QATRun:
         if self.main:
             result = self._evaluate()
             record = {"epoch": float(self.epoch), **losses, "map50_95": result.map50_95, "map50": result.map50}
+            if self.scales is not None:
+                from repquant.quant.learnable_scales import scale_drift
+
+                record.update({f"scale_{k}": v for k, v in scale_drift(self.initial_amax, self.scales.amax()).items()})
             self.history.append(record)
             logger.info("qat epoch %d: fake-quant mAP@.5:.95 %.4f  mAP@.5 %.4f  loss %s", self.epoch,
                         result.map50_95, result.map50, {k: round(v, 4) for k, v in losses.items()})
@@ -347,7 +434,9 @@ class _QATRun:
         return {"format": STATE_FORMAT, "epoch": self.epoch, "best_map50_95": self.best_map,
                 "best_epoch": self.best_epoch, "history": self.history, "model": self.qmodel.state_dict(),
                 "optimizer": self.optimizer.state_dict(), "rng": ddp.rng_state(), "config": asdict(self.cfg),
-                "keep_float_layers": list(self.keep)}
+                "keep_float_layers": list(self.keep),
+                "scales": None if self.scales is None else self.scales.state_dict(),
+                "scale_optimizer": None if self.scale_optimizer is None else self.scale_optimizer.state_dict()}
 
     def _resume(self) -> None:
         from repquant.io import torch_load_weights_only
@@ -365,6 +454,13 @@ class _QATRun:
                                   f"{list(self.keep)}; resume with the same --keep-float / --sensitivity")
         self.qmodel.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if (state.get("scales") is None) != (self.scales is None):
+            raise CheckpointError(f"{path}: the state was trained with learn_scales={state.get('scales') is not None}; "
+                                  "resume with the same --learn-scales setting")
+        if self.scales is not None:
+            self.scales.load_state_dict(state["scales"])
+            self.scale_optimizer.load_state_dict(state["scale_optimizer"])
+            self.scales.sync()
         self.epoch, self.best_map, self.best_epoch = state["epoch"], state["best_map50_95"], state["best_epoch"]
         self.history = state["history"]
         ddp.set_rng_state(state["rng"])

@@ -198,6 +198,29 @@ def match_scales(model: nn.Module, scales: Mapping[str, Tensor],
 
 
 @torch.no_grad()
+def folded_gradient_masks(model: nn.Module, scales: Mapping[str, Tensor],
+                          source: str = "scales") -> dict[str, Tensor]:
+    """RepOpt masks for the BN-folded weights of a train-form repopt ``model``, by deployed parameter name.
+
+    Deploying folds ``W_f = a * W`` with ``a = gamma / sqrt(running_var + eps)`` per output channel. With
+    BN frozen (QAT fine-tunes the folded model), ``dL/dW = a * dL/dW_f``, so the RepOptimizer update
+    ``W -= lr * (M * g_W + wd * W)`` is, on ``W_f``, ``W_f -= lr * (a^2 * M * g_Wf + wd * W_f)``: the
+    mask becomes ``a^2 * M`` and weight decay and momentum carry over unchanged. Keys are
+    ``"<block>.rbr_reparam.weight"``, the names the deployed model gives those convs; float64 on CPU
+    (the optimizer casts a mask to its parameter's dtype).
+    """
+    masks: dict[str, Tensor] = {}
+    for m in matched_blocks(model, scales, source):
+        bn = m.block.bn
+        fold = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).detach().cpu()
+        s_id = None if m.scale_identity is None else m.scale_identity.double().cpu()
+        mask = gradient_mask(m.block.conv.weight.shape, m.scale_conv.double().cpu(), m.scale_1x1.double().cpu(),
+                             s_id, m.block.groups)
+        masks[f"{m.name}.rbr_reparam.weight"] = mask * fold.reshape(-1, 1, 1, 1) ** 2
+    return masks
+
+
+@torch.no_grad()
 def init_from_scales(model: nn.Module, scales: Mapping[str, Tensor], seed: int = 0,
                      source: str = "scales") -> None:
     """Re-initialise each RealVGGBlock conv as the merged hyper-search block (training from scratch only).

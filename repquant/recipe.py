@@ -198,7 +198,7 @@ def _convert_scalar(value: Any, tp: Any, source: str, key: str) -> Any:
         if isinstance(value, str):
             return value
     elif tp is Path or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
-        if isinstance(value, str):
+        if isinstance(value, str | os.PathLike):  # YAML gives str; library callers and the CLI pass Paths
             return Path(value)
     elif isinstance(tp, type):
         if isinstance(value, tp):

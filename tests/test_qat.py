@@ -134,7 +134,7 @@ def test_torchrun_two_processes_gloo(data_yaml: Path, start, tmp_path: Path) -> 
     out = tmp_path / "ddp.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
            "repquant.cli", "qat", "--model", str(checkpoint), "--data", str(data_yaml), "--sensitivity", str(ranking),
-           *QAT_ARGS, "--output", str(out)]
+           *QAT_ARGS, "--learn-scales", "--output", str(out)]  # learned scales: all-reduced outside DDP
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     log = proc.stdout + proc.stderr
@@ -142,6 +142,7 @@ def test_torchrun_two_processes_gloo(data_yaml: Path, start, tmp_path: Path) -> 
     assert "DDP rank 0/2" in log and "DDP rank 1/2" in log
     state = torch_load_weights_only(Path(f"{out}.state.pt"))
     assert state["epoch"] == 0 and len(state["history"]) == 1
+    assert state["history"][0]["scale_mean_abs_log_ratio"] > 0.0 and state["scales"] is not None
     assert load_quantized_model(out)[1]["keep_float_layers"] == [KEEP]
 
 

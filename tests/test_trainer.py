@@ -287,3 +287,27 @@ def test_truncated_state_is_a_checkpoint_error(tmp_path: Path, data_yaml: Path) 
     (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="last.pt: unreadable training state"):
         Trainer(config, resume=True)
+
+
+def test_cli_hyper_search_then_train_repopt(data_yaml: Path, tmp_path: Path) -> None:
+    """The two RepOpt commands end to end, as a user runs them (the CLI hands train-repopt a Path)."""
+    import yaml
+    from click.testing import CliRunner
+
+    from repquant.cli import cli
+    from repquant.io import read_safetensors_metadata
+
+    settings = {**RUN_SETTINGS, "epochs": 1, "batch_size": NUM_TRAIN, "data": str(data_yaml)}
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(settings))
+    search_dir, repopt_dir = tmp_path / "hs", tmp_path / "ro"
+    res = CliRunner().invoke(cli, ["--threads", "1", "hyper-search", str(recipe), "--set", f"output_dir={search_dir}"])
+    assert res.exit_code == 0, res.output
+    scales = search_dir / "weights" / "scales.safetensors"
+    assert scales.is_file()
+    res = CliRunner().invoke(cli, ["--threads", "1", "train-repopt", str(recipe), "--scales", str(scales),
+                                   "--set", f"output_dir={repopt_dir}"])
+    assert res.exit_code == 0, res.output
+    metadata = read_safetensors_metadata(repopt_dir / "weights" / "best.safetensors")
+    assert json.loads(metadata["repquant_config"])["block_mode"] == "repopt"
+    assert json.loads(metadata["recipe"])["repopt_scales"] == str(scales)

@@ -15,7 +15,8 @@ from repquant.deploy.evaluate import evaluate_model
 from repquant.deploy.onnx_export import export_onnx
 
 ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = sorted((ROOT / "benchmarks" / "checkpoints").glob("*_bccd.safetensors"))
+CHECKPOINTS = sorted(p for p in (ROOT / "benchmarks" / "checkpoints").glob("*_bccd*.safetensors")
+                     if not p.name.endswith(".scales.safetensors"))
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 DATA_YAML = ROOT / "recipes" / "data" / "bccd.yaml"
 
@@ -37,3 +38,15 @@ def test_eval_reproduces_recorded_map_from_torch_and_onnx(ckpt: Path, tmp_path: 
     onnx_result, _ = evaluate_model(onnx_path, DATA_YAML, progress=False)
     assert onnx_result.map50_95 == pytest.approx(meta["map50_95"], abs=0.002)
     assert onnx_result.map50 == pytest.approx(meta["map50"], abs=0.002)
+
+
+def test_repopt_checkpoint_matches_its_committed_scales():
+    """The RepOpt checkpoint was trained with the committed scales file its recipe names (QAT finds it there)."""
+    from repquant.train.repopt import load_scales, matched_blocks
+
+    ckpt = ROOT / "benchmarks" / "checkpoints" / "yolov6n_bccd_repopt.safetensors"
+    _, meta = load_checkpoint(ckpt)
+    scales_path = meta["recipe"]["repopt_scales"]
+    assert meta["repquant_config"]["block_mode"] == "repopt"
+    scales, variant = load_scales(ROOT / scales_path)
+    assert variant == "yolov6n" and len(matched_blocks(load_model(ckpt), scales, scales_path)) == 35

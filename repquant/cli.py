@@ -424,6 +424,8 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
               help="Adam learning rate of log(amax) with --learn-scales (~ relative change per step).")
 @click.option("--repopt-scales", type=click.Path(exists=True, dir_okay=False), default=None,
               help="RepOpt scales file of a train-repopt checkpoint (default: the one its recipe names).")
+@click.option("--repopt-masks/--no-repopt-masks", default=True, show_default=True,
+              help="Fine-tune a RepOpt-trained model with its gradient masks (folded for the deployed weights).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
 @click.option("--img-size", type=int, default=640, show_default=True, callback=_img_size)
 @click.option("--calib-method", type=click.Choice(["max", "percentile", "entropy", "mse"]), default="max",
@@ -440,7 +442,8 @@ def ptq_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: str
 @click.pass_context
 def qat_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int, sensitivity_json: str | None,
             metric: str, mode: str, cw_distill: bool, cw_tau: float, cw_weight: float, kd_cls: bool, epochs: int,
-            lr: float, learn_scales: bool, scale_lr: float, repopt_scales: str | None, batch_size: int, img_size: int, calib_method: str, calib_images: int, layout: str, seed: int,
+            lr: float, learn_scales: bool, scale_lr: float, repopt_scales: str | None, repopt_masks: bool,
+            batch_size: int, img_size: int, calib_method: str, calib_images: int, layout: str, seed: int,
             device: str, workers: int, resume: bool, output: str) -> None:
     """Partial QAT from the calibrated PTQ model, with optional channel-wise self-distillation (CWD)."""
     _setup_torch(ctx)
@@ -452,7 +455,8 @@ def qat_cmd(ctx: click.Context, model_spec: str, data_yaml: str, keep_float: int
                        sensitivity_json=sensitivity_json, ranking_mode=mode,
                        ranking_metric=_METRIC_CHOICES[metric][0], cw_distill=cw_distill, cw_tau=cw_tau,
                        cw_weight=cw_weight, kd_cls=kd_cls, epochs=epochs, lr=lr, learn_scales=learn_scales,
-                       scale_lr=scale_lr, repopt_scales=repopt_scales, batch_size=batch_size,
+                       scale_lr=scale_lr, repopt_scales=repopt_scales, repopt_masks=repopt_masks,
+                       batch_size=batch_size,
                        img_size=img_size, calib_images=calib_images, calib_method=calib_method, layout=layout,
                        seed=seed, device=device, workers=workers)
     result = qat_train(config, resume=resume)

@@ -173,3 +173,10 @@ def test_repopt_scales_errors(repopt_start, data_yaml: Path, tmp_path: Path) -> 
     save_scales(other, {"backbone.stem.scale_conv": torch.ones(3)}, "yolov6s")
     with pytest.raises(CheckpointError, match="other.safetensors: scales do not match the model"):
         _QATRun(QATConfig(model=str(checkpoint), repopt_scales=str(other), **base), resume=False, progress=False)
+
+
+def test_repopt_masks_can_be_switched_off(repopt_start, data_yaml: Path, tmp_path: Path) -> None:
+    checkpoint, _ = repopt_start
+    run = _QATRun(QATConfig(model=str(checkpoint), data=str(data_yaml), output=str(tmp_path / "q.safetensors"),
+                            repopt_masks=False, **TINY), resume=False, progress=False)
+    assert type(run.optimizer) is torch.optim.SGD  # no scales file needed, no masks applied

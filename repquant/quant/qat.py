@@ -67,6 +67,7 @@ class QATConfig:
     learn_scales: bool = False
     scale_lr: float = 1e-3
     repopt_scales: str | None = None
+    repopt_masks: bool = True
     epochs: int = 10
     lr: float = 1e-5
     lrf: float = 0.01
@@ -271,6 +272,9 @@ class _QATRun:
 
         cfg = self.cfg
         block_mode = deployed.config.block_mode
+        if block_mode == "repopt" and not cfg.repopt_masks:
+            logger.warning("QAT: %s was trained with RepOptimizer; fine-tuning it with plain SGD (masks off)", cfg.model)
+            return {}
         if block_mode != "repopt":
             if cfg.repopt_scales is not None:
                 raise RecipeError(f"qat: --repopt-scales given, but {cfg.model} was not trained with RepOptimizer "

@@ -176,6 +176,13 @@ def _describe(config: dict[str, Any]) -> str:
     return f"{config.get('name')} (num_classes {config.get('num_classes')})"
 
 
+def read_checkpoint_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The decoded metadata of a safetensors checkpoint (as ``load_checkpoint`` gives it), tensors unread."""
+    from repquant.io import read_safetensors_metadata
+
+    return {key: _decode(value) for key, value in read_safetensors_metadata(path).items()}
+
+
 def _decode(value: str) -> Any:
     try:
         return json.loads(value)

@@ -40,7 +40,7 @@ def test_eval_reproduces_recorded_map_from_torch_and_onnx(ckpt: Path, tmp_path: 
     assert onnx_result.map50 == pytest.approx(meta["map50"], abs=0.002)
 
 
-def test_repopt_checkpoint_matches_its_committed_scales():
+def test_repopt_checkpoint_matches_its_committed_scales(monkeypatch):
     """The RepOpt checkpoint was trained with the committed scales file its recipe names (QAT finds it there)."""
     from repquant.train.repopt import load_scales, matched_blocks
 
@@ -50,3 +50,7 @@ def test_repopt_checkpoint_matches_its_committed_scales():
     assert meta["repquant_config"]["block_mode"] == "repopt"
     scales, variant = load_scales(ROOT / scales_path)
     assert variant == "yolov6n" and len(matched_blocks(load_model(ckpt), scales, scales_path)) == 35
+    from repquant.quant.qat import _recipe_scales_path
+
+    monkeypatch.chdir(ROOT)  # recipe paths are relative to the directory the run started in
+    assert _recipe_scales_path(str(ckpt)) == scales_path  # what `repquant qat` uses without --repopt-scales

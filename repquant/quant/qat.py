@@ -156,17 +156,12 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[nn.Module, dict[str, 
 
 def _recipe_scales_path(model_path: str) -> str | None:
     """The ``repopt_scales`` file a checkpoint's training recipe names, if it still exists."""
-    import json
-
-    from repquant.io import read_safetensors_metadata
+    from repquant.checkpoint import read_checkpoint_metadata
 
     if not str(model_path).endswith(".safetensors") or not Path(model_path).is_file():
         return None
-    recipe = read_safetensors_metadata(model_path).get("recipe")
-    try:
-        path = json.loads(recipe).get("repopt_scales") if isinstance(recipe, str) else None
-    except ValueError:
-        return None
+    recipe = read_checkpoint_metadata(model_path).get("recipe")
+    path = recipe.get("repopt_scales") if isinstance(recipe, dict) else None
     return path if path and Path(path).is_file() else None
 
 

@@ -40,16 +40,25 @@ def test_eval_reproduces_recorded_map_from_torch_and_onnx(ckpt: Path, tmp_path: 
     assert onnx_result.map50 == pytest.approx(meta["map50"], abs=0.002)
 
 
-def test_repopt_checkpoint_matches_its_committed_scales(monkeypatch):
-    """The RepOpt checkpoint was trained with the committed scales file its recipe names (QAT finds it there)."""
+REPOPT_CHECKPOINTS = [p for p in CHECKPOINTS if p.stem.endswith("_repopt")]
+
+
+def test_repopt_checkpoints_are_committed():
+    assert {p.stem for p in REPOPT_CHECKPOINTS} >= {"yolov6n_bccd_repopt", "yolov6s_bccd_repopt"}
+
+
+@pytest.mark.parametrize("ckpt", REPOPT_CHECKPOINTS, ids=lambda p: p.stem)
+def test_repopt_checkpoint_matches_its_committed_scales(ckpt: Path, monkeypatch):
+    """A RepOpt checkpoint was trained with the committed scales file its recipe names (QAT finds it there)."""
     from repquant.train.repopt import load_scales, matched_blocks
 
-    ckpt = ROOT / "benchmarks" / "checkpoints" / "yolov6n_bccd_repopt.safetensors"
     _, meta = load_checkpoint(ckpt)
     scales_path = meta["recipe"]["repopt_scales"]
     assert meta["repquant_config"]["block_mode"] == "repopt"
+    assert scales_path == f"benchmarks/checkpoints/{ckpt.stem}.scales.safetensors"
     scales, variant = load_scales(ROOT / scales_path)
-    assert variant == "yolov6n" and len(matched_blocks(load_model(ckpt), scales, scales_path)) == 35
+    assert variant == meta["repquant_config"]["name"]
+    assert len(matched_blocks(load_model(ckpt), scales, scales_path)) == 35
     from repquant.quant.qat import _recipe_scales_path
 
     monkeypatch.chdir(ROOT)  # recipe paths are relative to the directory the run started in

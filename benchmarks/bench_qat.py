@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
                          "spread": max(maps) - min(maps)})
     fp32 = rows[0]["map50_95"]
     report = {"schema": "repquant.bench_qat/1", "checkpoint": str(args.checkpoint), "img_size": img_size,
-              "epochs": args.epochs, "lr": args.lr, "scale_lr": args.scale_lr, "batch_size": args.batch_size, "seeds": args.seeds,
+              "epochs": args.epochs, "lr": args.lr, "scale_lr": args.scale_lr, "batch_size": args.batch_size,
+              "seeds": args.seeds,
               "calib_images": args.calib_images,
               "sensitivity_json": str(args.sensitivity) if args.sensitivity else None,
               "evaluation": "INT8 rows: QDQ ONNX (ORT layout) run by ONNX Runtime CPU, pycocotools mAP on val",

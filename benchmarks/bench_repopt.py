@@ -25,16 +25,18 @@ from repquant.io import atomic_write_text
 from repquant.train.act_stats import act_stats_command
 
 ROOT = Path(__file__).resolve().parents[1]
-STATS = ("weight_absmax", "weight_p9999", "weight_kurtosis", "act_absmax", "act_p9999", "act_kurtosis")
+STATS = ("weight_absmax", "weight_p9999", "weight_kurtosis", "weight_int8_snr_db", "act_absmax", "act_p9999",
+         "act_kurtosis")
 
 
 def summarize(stats_json: Path) -> dict[str, dict[str, float]]:
-    """Median and max over the deployed convs of each statistic (``null`` values, e.g. constant inputs, skipped)."""
+    """Median, min and max over the deployed convs of each statistic (``null`` values, e.g. constant inputs or
+    an exactly quantized weight's infinite SNR, skipped)."""
     layers = json.loads(stats_json.read_text())["layers"]
     out = {}
     for key in STATS:
         values = [layer[key] for layer in layers if layer[key] is not None]
-        out[key] = {"median": statistics.median(values), "max": max(values)}
+        out[key] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
     return out
 
 
@@ -79,16 +81,17 @@ def main(argv: list[str] | None = None) -> None:
               "act_images": args.act_images,
               "evaluation": "pycocotools mAP@.5:.95 on val; FP32 = torch; INT8 = PTQ (max calibration, no layer "
                             "kept float, ORT layout) QDQ ONNX run by ONNX Runtime CPU; statistics of the deployed "
-                            "convs (repquant act-stats), median and max over layers",
+                            "convs (repquant act-stats), median, min and max over layers",
               "environment": environment_info(), "results": rows}
     output = results_dir.parent / f"bench_repopt_{args.name}.json"
     atomic_write_text(output, json.dumps(report, indent=2) + "\n")
-    print("| model | FP32 | INT8 PTQ K=0 | INT8 - FP32 | w max (med / max) | w kurt (med / max) | act p99.99 (med / max) "
-          "| act kurt (med / max) |\n|---|---|---|---|---|---|---|---|")
+    print("| model | FP32 | INT8 PTQ K=0 | INT8 - FP32 | w max (med / max) | w kurt (med / max) "
+          "| w INT8 SNR dB (med / min) | act p99.99 (med / max) | act kurt (med / max) |\n" + "|---" * 9 + "|")
     for r in rows:
         s = r["stats"]
-        cells = [f"{s[k]['median']:.3g} / {s[k]['max']:.3g}" for k in ("weight_absmax", "weight_kurtosis",
-                                                                          "act_p9999", "act_kurtosis")]
+        cells = [f"{s[k]['median']:.3g} / {s[k][end]:.3g}" for k, end in (
+            ("weight_absmax", "max"), ("weight_kurtosis", "max"), ("weight_int8_snr_db", "min"),
+            ("act_p9999", "max"), ("act_kurtosis", "max"))]
         print(f"| {r['model']} | {r['fp32_map50_95']:.4f} | {r['int8_ptq_k0_map50_95']:.4f} | "
               f"{-r['ptq_drop']:+.4f} | " + " | ".join(cells) + " |")
     print(f"wrote {output}")

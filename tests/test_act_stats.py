@@ -19,6 +19,7 @@ from repquant.train.act_stats import (
     abs_percentile,
     activation_stats,
     excess_kurtosis,
+    weight_int8_snr_db,
     write_stats,
 )
 
@@ -105,7 +106,31 @@ def test_activation_stats_equal_direct_computation() -> None:
         assert s.weight_absmax == pytest.approx(np.abs(w).max(), rel=1e-6)
         assert s.weight_p9999 == pytest.approx(np.percentile(np.abs(w), 99.99), rel=1e-6)
         assert s.weight_kurtosis == pytest.approx(np_excess_kurtosis(w), rel=1e-5)
+        assert s.weight_int8_snr_db == pytest.approx(np_weight_int8_snr_db(w, 0), abs=1e-3)
         assert s.weight_shape == list(w.shape)
+
+
+def np_weight_int8_snr_db(w: np.ndarray, axis: int) -> float:
+    """Per-channel symmetric INT8 quantization written out in float64, round half to even as torch does."""
+    w = np.moveaxis(w.astype(np.float64), axis, 0)
+    scale = np.abs(w).reshape(len(w), -1).max(axis=1).reshape(-1, *[1] * (w.ndim - 1)) / 127
+    q = np.clip(np.round(w / scale), -127, 127) * scale
+    return float(10 * np.log10(np.sum(w**2) / np.sum((q - w) ** 2)))
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(8, 6, 3), nn.ConvTranspose2d(8, 6, 2, 2)], ids=["conv", "transposed"])
+def test_weight_int8_snr_db_is_per_output_channel(conv: nn.Module) -> None:
+    axis = 1 if isinstance(conv, nn.ConvTranspose2d) else 0
+    with torch.no_grad():  # one output channel 100x wider: a per-tensor or wrong-axis scale would crush the rest
+        conv.weight.select(axis, 2).mul_(100)
+    w = conv.weight.detach().numpy()
+    assert weight_int8_snr_db(conv) == pytest.approx(np_weight_int8_snr_db(w, axis), abs=1e-3)
+    assert weight_int8_snr_db(conv) > np_weight_int8_snr_db(w, 1 - axis) + 3
+    with torch.no_grad():  # weights on the INT8 grid of their channel quantize exactly
+        conv.weight.copy_(torch.randint(-127, 128, conv.weight.shape).float() / 64)
+        corner = [slice(None) if d == axis else 0 for d in range(conv.weight.dim())]
+        conv.weight[tuple(corner)] = 127 / 64  # every channel's max is 127 steps of 1/64
+    assert weight_int8_snr_db(conv) == math.inf
 
 
 def test_activation_stats_layer_selection_and_errors() -> None:

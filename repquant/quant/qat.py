@@ -268,7 +268,8 @@ class _QATRun:
         cfg = self.cfg
         block_mode = deployed.config.block_mode
         if block_mode == "repopt" and not cfg.repopt_masks:
-            logger.warning("QAT: %s was trained with RepOptimizer; fine-tuning it with plain SGD (masks off)", cfg.model)
+            logger.warning("QAT: %s was trained with RepOptimizer; fine-tuning it with plain SGD (masks off)",
+                           cfg.model)
             return {}
         if block_mode != "repopt":
             if cfg.repopt_scales is not None:

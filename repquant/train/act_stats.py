@@ -17,6 +17,10 @@ Definitions (stated because tools disagree):
   ``scipy.stats.kurtosis(v, fisher=True, bias=True)``; 0 for a Gaussian, -1.2 for uniform,
   ``nan`` (JSON ``null``) for constant input. Activations pool every element of every image (signed
   values, not ``|v|``), merged batch by batch with Pebay's (2008) update formulas in float64.
+- ``weight_int8_snr_db``: ``snr_db`` (``repquant.quant.metrics``) of the weight against its INT8
+  fake-quantized copy as the deployed QDQ graph quantizes it: symmetric, per output channel (axis 0;
+  axis 1 for transposed convs), ``scale = max|w| / 127`` per channel, range [-127, 127]. Range and
+  kurtosis do not say how much a per-channel scale loses; this does (higher is better).
 - Activation = the conv INPUT (what the input quantizer of that conv sees), captured with forward
   pre-hooks in eval mode under ``torch.no_grad``.
 """
@@ -35,6 +39,7 @@ from torch import Tensor, nn
 
 from repquant.errors import RepquantError
 from repquant.io import atomic_write_text
+from repquant.quant.metrics import snr_db
 
 PERCENTILE = 99.99
 DEFAULT_TOP_K = 2**18
@@ -152,11 +157,24 @@ class LayerStats:
     weight_absmax: float
     weight_p9999: float
     weight_kurtosis: float
+    weight_int8_snr_db: float
     act_absmax: float = math.nan
     act_p9999: float = math.nan
     act_kurtosis: float = math.nan
     act_count: int = 0
     act_p9999_exact: bool = True
+
+
+def weight_int8_snr_db(module: nn.modules.conv._ConvNd) -> float:
+    """SNR (dB) of ``module.weight`` after per-output-channel symmetric INT8 fake quantization (docstring)."""
+    w = module.weight.detach().float().cpu()
+    axis = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+    reduce_dims = [d for d in range(w.dim()) if d != axis]
+    amax = w.abs().amax(dim=reduce_dims)
+    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax))  # all-zero channel: exact either way
+    zero_point = torch.zeros_like(amax, dtype=torch.int32)
+    q = torch.fake_quantize_per_channel_affine(w, scale, zero_point, axis, -127, 127)
+    return snr_db(w.numpy().ravel(), q.numpy().ravel())
 
 
 def _conv_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
@@ -216,7 +234,7 @@ def activation_stats(model: nn.Module, images_iter: Iterable[object], layers: Se
     for name, module in convs:
         w = module.weight.detach()
         s = LayerStats(name, type(module).__name__, list(w.shape), w.abs().max().item(), abs_percentile(w),
-                       excess_kurtosis(w))
+                       excess_kurtosis(w), weight_int8_snr_db(module))
         if moments[name].n:
             s.act_absmax = absmax[name]
             s.act_p9999, s.act_p9999_exact = tails[name].percentile()
@@ -238,16 +256,19 @@ def write_stats(path_json: str | os.PathLike, path_md: str | os.PathLike,
     definitions = {
         "p9999": f"{PERCENTILE}th percentile of |v|, linear interpolation (numpy default)",
         "kurtosis": "excess kurtosis m4/m2^2 - 3, population moments, signed values",
+        "weight_int8_snr_db": "10 log10(sum w^2 / sum (q(w) - w)^2), q = symmetric per-output-channel INT8, "
+                              "scale max|w|/127, range [-127, 127]",
         "activation": "conv input, pooled over all images and elements, eval mode",
     }
     rows = [{k: _jsonable(v) for k, v in asdict(s).items()} for s in stats]
     atomic_write_text(path_json, json.dumps({"definitions": definitions, "layers": rows}, indent=2) + "\n")
-    lines = ["| layer | weight shape | w max | w p99.99 | w kurt | act max | act p99.99 | act kurt |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| layer | weight shape | w max | w p99.99 | w kurt | w INT8 SNR dB | act max | act p99.99 | act kurt |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in stats:
         p = f"{s.act_p9999:.4g}" + ("" if s.act_p9999_exact else " (<=)")
         lines.append(f"| {s.name} | {'x'.join(map(str, s.weight_shape))} | {s.weight_absmax:.4g} | "
-                     f"{s.weight_p9999:.4g} | {s.weight_kurtosis:.3g} | {s.act_absmax:.4g} | {p} | "
+                     f"{s.weight_p9999:.4g} | {s.weight_kurtosis:.3g} | {s.weight_int8_snr_db:.1f} | "
+                     f"{s.act_absmax:.4g} | {p} | "
                      f"{s.act_kurtosis:.3g} |")
     notes = [f"- {k}: {v}" for k, v in definitions.items()]
     atomic_write_text(path_md, "\n".join(lines + [""] + notes) + "\n")

@@ -22,7 +22,7 @@ from repquant.deploy.benchmark import environment_info
 from repquant.deploy.evaluate import evaluate_model
 from repquant.deploy.ptq import ptq_command
 from repquant.io import atomic_write_text
-from repquant.train.act_stats import act_stats_command
+from repquant.quant.act_stats import act_stats_command
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = ("weight_absmax", "weight_p9999", "weight_kurtosis", "weight_int8_snr_db", "act_absmax", "act_p9999",

@@ -293,9 +293,10 @@ def eval_cmd(ctx: click.Context, model_path: str, data_yaml: str, split: str, im
 @click.pass_context
 def act_stats_cmd(ctx: click.Context, model_spec: str, data_yaml: str, split: str, num_images: int,
                   img_size: int, output_dir: str) -> None:
-    """Per-layer weight and activation ranges (max, 99.99th percentile, kurtosis) of the deployed model."""
+    """Per-layer weight and activation ranges (max, 99.99th percentile, kurtosis) and the INT8 weight SNR of
+    the deployed model."""
     _setup_torch(ctx)
-    from repquant.train.act_stats import act_stats_command
+    from repquant.quant.act_stats import act_stats_command
 
     json_path, md_path = act_stats_command(model_spec, data_yaml, split, num_images, img_size, output_dir)
     click.echo(f"wrote {json_path} and {md_path}")

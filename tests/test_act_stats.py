@@ -13,7 +13,7 @@ from torch import nn
 from repquant.errors import RepquantError
 from repquant.models import create_model
 from repquant.reparam import reparameterize
-from repquant.train.act_stats import (
+from repquant.quant.act_stats import (
     MomentAccumulator,
     TailTracker,
     abs_percentile,

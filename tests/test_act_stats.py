@@ -12,7 +12,6 @@ from torch import nn
 
 from repquant.errors import RepquantError
 from repquant.models import create_model
-from repquant.reparam import reparameterize
 from repquant.quant.act_stats import (
     MomentAccumulator,
     TailTracker,
@@ -22,6 +21,7 @@ from repquant.quant.act_stats import (
     weight_int8_snr_db,
     write_stats,
 )
+from repquant.reparam import reparameterize
 
 
 def np_excess_kurtosis(x: np.ndarray) -> float:

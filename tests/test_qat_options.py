@@ -180,3 +180,9 @@ def test_repopt_masks_can_be_switched_off(repopt_start, data_yaml: Path, tmp_pat
     run = _QATRun(QATConfig(model=str(checkpoint), data=str(data_yaml), output=str(tmp_path / "q.safetensors"),
                             repopt_masks=False, **TINY), resume=False, progress=False)
     assert type(run.optimizer) is torch.optim.SGD  # no scales file needed, no masks applied
+
+
+def test_repopt_scales_with_masks_off_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="given with the RepOpt masks switched off"):
+        QATConfig(model="m.safetensors", data="d.yaml", output=str(tmp_path / "q.safetensors"),
+                  repopt_scales="s.safetensors", repopt_masks=False, **TINY)

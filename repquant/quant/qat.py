@@ -99,6 +99,9 @@ class QATConfig:
             problems.append(f"calib_method must be one of {CALIB_METHODS}, got {self.calib_method!r}")
         if self.img_size % 32:
             problems.append(f"img_size must be a multiple of 32, got {self.img_size}")
+        if self.repopt_scales is not None and not self.repopt_masks:
+            problems.append(f"repopt_scales {self.repopt_scales} given with the RepOpt masks switched off "
+                            "(--no-repopt-masks): drop one of the two")
         if problems:
             raise RecipeError("qat: " + "; ".join(problems))
 

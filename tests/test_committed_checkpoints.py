@@ -44,7 +44,8 @@ REPOPT_CHECKPOINTS = [p for p in CHECKPOINTS if p.stem.endswith("_repopt")]
 
 
 def test_repopt_checkpoints_are_committed():
-    assert {p.stem for p in REPOPT_CHECKPOINTS} >= {"yolov6n_bccd_repopt", "yolov6s_bccd_repopt", "yolov6s-v2_bccd_repopt"}
+    expected = {"yolov6n_bccd_repopt", "yolov6s_bccd_repopt", "yolov6s-v2_bccd_repopt"}
+    assert {p.stem for p in REPOPT_CHECKPOINTS} >= expected
 
 
 @pytest.mark.parametrize("ckpt", REPOPT_CHECKPOINTS, ids=lambda p: p.stem)

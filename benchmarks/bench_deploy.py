@@ -14,23 +14,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-import torch
-
-from repquant.checkpoint import resolve_model
-from repquant.deploy.benchmark import (
-    METHODOLOGY,
-    BenchReport,
-    benchmark,
-    compare_reparam,
-    environment_info,
-    ort_runner,
-    reparam_speedup,
-)
-from repquant.deploy.onnx_export import export_onnx, normalize_img_size
-from repquant.reparam import reparameterize
+from repquant.deploy.report import BenchReport
+from repquant.deploy.timing import reparam_speedup
+from repquant.tasks import bench
+from repquant.tasks.config import BenchConfig
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "bench_deploy.json"
 
@@ -54,25 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> BenchReport:
-    hw = normalize_img_size(args.img)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    model = resolve_model(args.model).eval()
-    results = compare_reparam(model, hw, args.batch, args.warmup, args.iters, threads=args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-deploy-") as tmp:
-        deployed = reparameterize(model)  # in place: the torch runs are done
-        onnx_path = export_onnx(deployed, Path(tmp) / "model.onnx", hw, max(args.batch), dynamic_batch=True)
-        runner, make_input, _ = ort_runner(onnx_path, args.threads)
-        results += benchmark(
-            runner,
-            make_input,
-            args.batch,
-            args.warmup,
-            args.iters,
-            backend="ort",
-            variant="deployed",
-            threads=args.threads,
-        )
+    common = dict(batch_sizes=tuple(args.batch), img_size=args.img, warmup=args.warmup, iters=args.iters,
+                  threads=args.threads)
+    torch_report = bench.run(BenchConfig(args.model, backend="torch", compare_train_form=True, **common))
+    ort_report = bench.run(BenchConfig(args.model, backend="ort", **common))
+    results = torch_report.results + ort_report.results
     torch_deployed = {
         r.batch_size: r.latency_ms.median for r in results if r.variant == "deployed" and r.backend == "torch"
     }
@@ -83,9 +58,9 @@ def run(args: argparse.Namespace) -> BenchReport:
     }
     return BenchReport(
         model=args.model,
-        img_size=hw,
-        methodology=METHODOLOGY.format(warmup=args.warmup, iters=args.iters),
-        environment=environment_info(),
+        img_size=torch_report.img_size,
+        methodology=torch_report.methodology,
+        environment=ort_report.environment,
         results=results,
         notes={"reparam_speedup": reparam_speedup(results), "ort_speedup_vs_torch_deployed": ort_speedup},
     )

@@ -21,20 +21,22 @@ from pathlib import Path
 import onnx
 
 from repquant.checkpoint import load_checkpoint, load_model
-from repquant.deploy.benchmark import benchmark, environment_info, ort_runner
-from repquant.deploy.evaluate import evaluate_model
 from repquant.deploy.onnx_export import export_onnx
-from repquant.deploy.ptq import ptq_command
+from repquant.deploy.timing import environment_info
 from repquant.io import atomic_write_text
 from repquant.quant import ort_optimized_op_counts
+from repquant.tasks import bench, evaluate, ptq
+from repquant.tasks.config import AUTO, BenchConfig, EvalConfig, PTQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(name: str, path: Path, data: Path, batches: list[int], warmup: int, iters: int, tmp: Path) -> dict:
-    result, size = evaluate_model(path, data, progress=False)
-    runner, make_input, _ = ort_runner(path)
-    timings = benchmark(runner, make_input, batches, warmup, iters, backend="ort", variant=name)
+    report = evaluate.run(EvalConfig(str(path), data), progress=False)
+    result, size = report.result, report.img_size
+    precision = "int8" if name.startswith("int8") else "fp32"
+    timings = bench.run(BenchConfig(str(path), backend="ort", precision=precision, batch_sizes=tuple(batches),
+                                    warmup=warmup, iters=iters)).results
     ops = ort_optimized_op_counts(path, tmp / f"{name}.optimized.onnx")
     return {
         "variant": name, "map50_95": result.map50_95, "map50": result.map50, "img_size": size,
@@ -69,10 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         fp32 = export_onnx(load_model(args.checkpoint), tmp / "fp32.onnx", img_size, dynamic_batch=True)
         rows.append(measure("fp32", fp32, args.data, args.batch, args.warmup, args.iters, tmp))
         for k in args.keep_float:
-            res = ptq_command(str(args.checkpoint), args.data, tmp / f"int8_k{k}.onnx",
-                              keep_float=k if k == "auto" else int(k), max_ap_drop=args.max_ap_drop,
-                              sensitivity_json=args.sensitivity, metric=args.metric, mode=args.mode,
-                              calib_images=args.calib_images, img_size=img_size, layout="ort", progress=False)
+            config = PTQConfig(str(args.checkpoint), args.data, tmp / f"int8_k{k}.onnx",
+                               keep_float=AUTO if k == "auto" else int(k), max_ap_drop=args.max_ap_drop,
+                               sensitivity_json=args.sensitivity, ranking_metric=args.metric, ranking_mode=args.mode,
+                               calib_images=args.calib_images, img_size=img_size, layout="ort")
+            res = ptq.run(config, progress=False)
             row = measure(f"int8_k{k}", res.onnx_path, args.data, args.batch, args.warmup, args.iters, tmp)
             row["keep_float_layers"] = list(res.keep_float_layers)
             row["auto_search"] = res.auto_search

@@ -15,11 +15,15 @@ import tempfile
 from pathlib import Path
 
 from repquant.checkpoint import load_checkpoint
-from repquant.deploy.benchmark import environment_info
-from repquant.deploy.evaluate import evaluate_model
-from repquant.deploy.ptq import export_quantized_checkpoint, ptq_command
+from repquant.deploy.qdq import export_quantized_checkpoint
+from repquant.deploy.timing import environment_info
 from repquant.io import atomic_write_text
-from repquant.quant.qat import QATConfig, qat_train
+from repquant.tasks import evaluate, ptq, qat
+from repquant.tasks.config import EvalConfig, PTQConfig, QATConfig
+
+
+def _map(model: Path, data: Path) -> float:
+    return evaluate.run(EvalConfig(str(model), data), progress=False).result.map50_95
 
 ROOT = Path(__file__).resolve().parents[1]
 # name -> (keep-float layers, CWD, learnable scales, RepOpt masks for RepOpt-trained models)
@@ -45,30 +49,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     _, meta = load_checkpoint(args.checkpoint)
     img_size = int(meta["img_size"])
-    rows: list[dict] = [{"variant": "FP32 (torch)", "map50_95": evaluate_model(args.checkpoint, args.data,
-                                                                                progress=False)[0].map50_95}]
+    rows: list[dict] = [{"variant": "FP32 (torch)", "map50_95": _map(args.checkpoint, args.data)}]
     with tempfile.TemporaryDirectory(prefix="bench-qat-") as tmp_dir:
         tmp = Path(tmp_dir)
-        ptq = ptq_command(str(args.checkpoint), args.data, tmp / "ptq.onnx", keep_float=6,
-                          sensitivity_json=args.sensitivity, calib_images=args.calib_images, img_size=img_size,
-                          layout="ort", progress=False)
-        rows.append({"variant": "PTQ K=6", "map50_95": evaluate_model(ptq.onnx_path, args.data,
-                                                                       progress=False)[0].map50_95})
+        ptq_result = ptq.run(PTQConfig(str(args.checkpoint), args.data, tmp / "ptq.onnx", keep_float=6,
+                                       sensitivity_json=args.sensitivity, calib_images=args.calib_images,
+                                       img_size=img_size, layout="ort"), progress=False)
+        rows.append({"variant": "PTQ K=6", "map50_95": _map(ptq_result.onnx_path, args.data)})
         for name in args.variants:
             keep, cwd, learn_scales, repopt_masks = VARIANTS[name]
             per_seed = []
             for seed in args.seeds:
                 out = tmp / f"{name.replace(' ', '_').replace('+', '')}_{seed}.safetensors"
-                config = QATConfig(model=str(args.checkpoint), data=str(args.data), output=str(out), keep_float=keep,
-                                   sensitivity_json=str(args.sensitivity) if args.sensitivity else None,
+                config = QATConfig(model=str(args.checkpoint), data=args.data, output=out, keep_float=keep,
+                                   sensitivity_json=args.sensitivity,
                                    cw_distill=cwd, learn_scales=learn_scales, scale_lr=args.scale_lr,
                                    repopt_masks=repopt_masks,
                                    epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                    img_size=img_size, calib_images=args.calib_images, layout="ort", seed=seed,
                                    device="cpu")
-                result = qat_train(config, progress=False)
+                result = qat.run(config, progress=False)
                 onnx_path = export_quantized_checkpoint(out, tmp / f"{out.stem}.onnx", img_size)
-                ort_map = evaluate_model(onnx_path, args.data, progress=False)[0].map50_95
+                ort_map = _map(onnx_path, args.data)
                 per_seed.append({"seed": seed, "map50_95": ort_map, "fake_quant_best": result.best_map50_95,
                                  "best_epoch": result.best_epoch, "history": result.history,
                                  "wall_s": result.wall_time_s})

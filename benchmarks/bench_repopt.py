@@ -18,11 +18,10 @@ import tempfile
 from pathlib import Path
 
 from repquant.checkpoint import load_checkpoint
-from repquant.deploy.benchmark import environment_info
-from repquant.deploy.evaluate import evaluate_model
-from repquant.deploy.ptq import ptq_command
+from repquant.deploy.timing import environment_info
 from repquant.io import atomic_write_text
-from repquant.quant.act_stats import act_stats_command
+from repquant.tasks import act_stats, evaluate, ptq
+from repquant.tasks.config import ActStatsConfig, EvalConfig, PTQConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 STATS = ("weight_absmax", "weight_p9999", "weight_kurtosis", "weight_int8_snr_db", "act_absmax", "act_p9999",
@@ -44,12 +43,12 @@ def measure(label: str, checkpoint: Path, data: Path, calib_images: int, act_ima
             tmp: Path) -> dict:
     _, meta = load_checkpoint(checkpoint)
     img_size = int(meta["img_size"])
-    fp32 = evaluate_model(checkpoint, data, progress=False)[0].map50_95
-    ptq = ptq_command(str(checkpoint), data, tmp / f"{label}.onnx", keep_float=0, calib_images=calib_images,
-                      img_size=img_size, layout="ort", progress=False)
-    int8 = evaluate_model(ptq.onnx_path, data, progress=False)[0].map50_95
+    fp32 = evaluate.run(EvalConfig(str(checkpoint), data), progress=False).result.map50_95
+    result = ptq.run(PTQConfig(str(checkpoint), data, tmp / f"{label}.onnx", keep_float=0, calib_images=calib_images,
+                               img_size=img_size, layout="ort"), progress=False)
+    int8 = evaluate.run(EvalConfig(str(result.onnx_path), data), progress=False).result.map50_95
     stats_dir = results_dir / f"act_stats_{checkpoint.stem}"
-    stats_json, _ = act_stats_command(str(checkpoint), data, "val", act_images, img_size, stats_dir)
+    stats_json = act_stats.run(ActStatsConfig(str(checkpoint), data, "val", act_images, img_size, stats_dir)).json_path
     row = {"model": label, "checkpoint": str(checkpoint), "img_size": img_size,
            "trained_epochs": meta.get("trained_epochs", meta.get("epochs")), "fp32_map50_95": fp32,
            "int8_ptq_k0_map50_95": int8, "ptq_drop": fp32 - int8, "act_stats": str(stats_json),

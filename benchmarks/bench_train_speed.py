@@ -1,6 +1,7 @@
 """CPU training speed of the real trainer (img/s) at several image sizes.
 
-Runs ``repquant.train.Trainer`` on a dataset (default: BCCD from ../shared/data through
+Runs the real training loop (``repquant.train.fit.make_trainer``) on a dataset (default: BCCD from
+../shared/data through
 recipes/data/bccd.yaml; Mosaic on, as in the first training epochs), times the training iterations
 after a warm-up (forward, loss with TAL assignment, backward, optimizer step when the gradient
 accumulation says so, EMA, and data loading with the recipe's workers), and stops. Prints a Markdown
@@ -21,9 +22,10 @@ from pathlib import Path
 
 import torch
 
-from repquant.deploy.benchmark import environment_info
+from repquant.deploy.timing import environment_info
 from repquant.io import atomic_write_text
 from repquant.train.config import load_train_config
+from repquant.train.fit import make_trainer
 from repquant.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def measure(recipe: Path, img_size: int, iters: int, warmup: int, batch_size: in
     with tempfile.TemporaryDirectory() as out:
         config = load_train_config(recipe, img_size=img_size, batch_size=batch_size, epochs=300,
                                    eval_interval=1000, output_dir=out)
-        trainer = Trainer(config, callbacks={"on_batch_end": on_batch_end})
+        trainer = make_trainer(config, callbacks={"on_batch_end": on_batch_end})
         try:
             trainer.run()
         except _Done:

@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from repquant.checkpoint import load_checkpoint, load_model, save_checkpoint
-from repquant.deploy.evaluate import evaluate_model
 from repquant.io import atomic_write_text
+from repquant.tasks import evaluate
+from repquant.tasks.config import EvalConfig
 
 
 def _git_commit() -> str:
@@ -47,7 +48,7 @@ def publish(run_checkpoint: Path, data_yaml: Path, img_size: int, output: Path) 
         "git_commit": _git_commit(),
     }
     save_checkpoint(output, model, extra_metadata=metadata, dtype=torch.float16)
-    result, _ = evaluate_model(output, data_yaml, img_size=img_size, progress=False)
+    result = evaluate.run(EvalConfig(str(output), data_yaml, img_size=img_size), progress=False).result
     metadata.update(map50_95=result.map50_95, map50=result.map50)
     save_checkpoint(output, model, extra_metadata=metadata, dtype=torch.float16)
     atomic_write_text(output.with_suffix(".recipe.yaml"), yaml.safe_dump(recipe, sort_keys=False))

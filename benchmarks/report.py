@@ -27,11 +27,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench_ptq import measure  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from repquant.checkpoint import load_checkpoint, load_model  # noqa: E402
-from repquant.deploy.benchmark import compare_reparam, environment_info, reparam_speedup  # noqa: E402
 from repquant.deploy.onnx_export import export_onnx  # noqa: E402
-from repquant.deploy.ptq import export_quantized_checkpoint, ptq_command  # noqa: E402
+from repquant.deploy.qdq import export_quantized_checkpoint  # noqa: E402
+from repquant.deploy.timing import environment_info, reparam_speedup  # noqa: E402
 from repquant.io import atomic_write_text  # noqa: E402
-from repquant.models import create_model  # noqa: E402
+from repquant.tasks import bench, ptq  # noqa: E402
+from repquant.tasks.config import AUTO, BenchConfig, PTQConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
@@ -73,9 +74,11 @@ def checkpoint_rows(checkpoint: Path, args: argparse.Namespace, tmp: Path) -> tu
     fp32 = export_onnx(load_model(checkpoint), tmp / f"{checkpoint.stem}_fp32.onnx", img_size, dynamic_batch=True)
     rows = [measure("FP32", fp32, DATA_YAML, *timing)]
     for keep in (0, 6, "auto"):
-        res = ptq_command(str(checkpoint), DATA_YAML, tmp / f"{checkpoint.stem}_k{keep}.onnx", keep_float=keep,
-                          sensitivity_json=sens, mode="isolated" if sens else "local", calib_images=args.calib_images,
-                          img_size=img_size, layout="ort", progress=False)
+        config = PTQConfig(str(checkpoint), DATA_YAML, tmp / f"{checkpoint.stem}_k{keep}.onnx",
+                           keep_float=AUTO if keep == "auto" else keep, sensitivity_json=sens,
+                           ranking_mode="isolated" if sens else "local", calib_images=args.calib_images,
+                           img_size=img_size, layout="ort")
+        res = ptq.run(config, progress=False)
         row = measure(f"INT8 PTQ K={len(res.keep_float_layers) if keep == 'auto' else keep}"
                       + (" (auto)" if keep == "auto" else ""), res.onnx_path, DATA_YAML, *timing)
         row.update(keep_float_layers=list(res.keep_float_layers), parity_snr_db=res.parity.snr_db,
@@ -88,8 +91,9 @@ def checkpoint_rows(checkpoint: Path, args: argparse.Namespace, tmp: Path) -> tu
         row["ap_drop"] = rows[0]["map50_95"] - row["map50_95"]
         row["speedup_vs_fp32"] = {b: row["images_per_s"][b] / rows[0]["images_per_s"][b] for b in row["images_per_s"]}
     # Train-form vs deployed torch latency: weights do not matter, a fresh model of the variant will do.
-    train_form = create_model(meta["repquant_config"]["name"], num_classes=meta["repquant_config"]["num_classes"])
-    reparam = compare_reparam(train_form.eval(), (img_size, img_size), args.batch, args.warmup, args.iters)
+    reparam = bench.run(BenchConfig(meta["repquant_config"]["name"], backend="torch", compare_train_form=True,
+                                    batch_sizes=tuple(args.batch), img_size=img_size, warmup=args.warmup,
+                                    iters=args.iters)).results
     torch_rows = {f"{r.variant} bs{r.batch_size}": r.latency_ms.median for r in reparam}
     return rows, {"img_size": img_size, "sensitivity_json": str(sens.relative_to(ROOT)) if sens else None,
                   "torch_latency_ms": torch_rows, "reparam_speedup": reparam_speedup(reparam)}

@@ -26,10 +26,10 @@ from torch import nn
 
 from repquant.errors import CheckpointError, ModelError
 from repquant.io import read_safetensors, sniff_tensor_file, torch_load_weights_only, write_safetensors
+from repquant.models.yolov6 import ModelConfig, YOLOv6
 
 FORMAT_VERSION = 1
 _RESERVED = ("repquant_format", "repquant_config", "deployed", "dtype")
-_CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
 
 def save_checkpoint(
@@ -105,7 +105,7 @@ def load_model(
     expected_name: str | None = None,
     expected_num_classes: int | None = None,
     map_location: str = "cpu",
-) -> nn.Module:
+) -> YOLOv6:
     """Build the model stored in ``path`` and load its weights; returns it in eval mode.
 
     The model is created from the stored config (and re-parameterized first when the checkpoint is
@@ -124,7 +124,7 @@ def load_model(
     return model_from_state(path, state, metadata).to(map_location).eval()
 
 
-def model_from_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> nn.Module:
+def model_from_state(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, Any]) -> YOLOv6:
     """Build the model described by checkpoint ``metadata`` (re-parameterized when it is deployed) and load
     ``state`` into it after checking every name and shape; ``path`` only names the file in errors."""
     from repquant.reparam import reparameterize
@@ -142,24 +142,6 @@ def model_from_state(path: str | os.PathLike, state: dict[str, torch.Tensor], me
     _check_state_dict(path, _describe(config), model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def resolve_model(spec: str, num_classes: int | None = None) -> nn.Module:
-    """A model from a registry name (``yolov6n``) or a checkpoint path (``runs/x/best.safetensors``).
-
-    Names build a freshly initialised model with ``num_classes`` (default 80). Checkpoints keep
-    their stored class count; a different ``num_classes`` raises :class:`CheckpointError`.
-    """
-    if spec.endswith(".onnx"):
-        raise CheckpointError(
-            f"{spec}: an ONNX file is not a torch model; pass a registry name or a checkpoint"
-        )
-    looks_like_path = spec.endswith(_CHECKPOINT_SUFFIXES) or os.sep in spec or "/" in spec
-    if looks_like_path or Path(spec).is_file():
-        return load_model(spec, expected_num_classes=num_classes)
-    from repquant.models import create_model
-
-    return create_model(spec, num_classes=80 if num_classes is None else num_classes)
 
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -233,9 +215,7 @@ def _load_torch(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor],
     return state, metadata
 
 
-def _build_model(path: Path, config: dict[str, Any]) -> nn.Module:
-    from repquant.models.yolov6 import ModelConfig, YOLOv6
-
+def _build_model(path: Path, config: dict[str, Any]) -> YOLOv6:
     # Build from the stored config, not the registry entry: a checkpoint stays loadable when a
     # registry default changes, and custom configs (other widths, block modes) round-trip.
     try:

@@ -71,6 +71,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "to_recipe"):  # a value type with its own spelling (Auto -> "auto")
+        return value.to_recipe()
     return value
 
 
@@ -89,6 +91,8 @@ def _describe(value: Any) -> str:
 def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "")
 
 
@@ -200,6 +204,13 @@ def _convert_scalar(value: Any, tp: Any, source: str, key: str) -> Any:
     elif tp is Path or (isinstance(tp, type) and issubclass(tp, os.PathLike)):
         if isinstance(value, str | os.PathLike):  # YAML gives str; library callers and the CLI pass Paths
             return Path(value)
+    elif isinstance(tp, type) and hasattr(tp, "from_recipe"):  # a value type with its own spelling (Auto)
+        if isinstance(value, tp):
+            return value
+        try:
+            return tp.from_recipe(value)
+        except ValueError as err:
+            raise _fail(source, key, str(err)) from None
     elif isinstance(tp, type):
         if isinstance(value, tp):
             return value

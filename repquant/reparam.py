@@ -12,9 +12,12 @@ All functions keep the dtype and device of their inputs, so float64 checks are e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
+
+_M = TypeVar("_M", bound=nn.Module)
 
 __all__ = [
     "fuse_conv_bn",
@@ -122,7 +125,7 @@ def _bn_branch(weight: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d) -> tuple
     return fuse_conv_bn(weight, bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
 
 
-def reparameterize(model: nn.Module) -> nn.Module:
+def reparameterize(model: _M) -> _M:
     """Collapse every block of ``model`` into its deployed form, in place, and return ``model``.
 
     Calls ``reparameterize()`` on every sub-module that defines it (RepVGG-style blocks become one

@@ -10,24 +10,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from repquant.deploy.benchmark import (
+from repquant.deploy.report import (
     SCHEMA_VERSION,
     BenchReport,
     BenchResult,
+    Column,
     LatencyStats,
-    bench_command,
-    benchmark,
-    compare_reparam,
-    environment_info,
-    latency_stats,
+    markdown_table,
+    pareto_front,
+    plot_pareto,
     read_report,
-    reparam_speedup,
     validate_report,
 )
-from repquant.deploy.report import Column, markdown_table, pareto_front, plot_pareto
-from repquant.errors import RepquantError
+from repquant.deploy.timing import TimingPlan, environment_info, latency_stats, reparam_speedup, time_runner
+from repquant.errors import RecipeError, RepquantError
+from repquant.tasks import bench
+from repquant.tasks.config import BenchConfig
 
 IMG = 64
+
+
+def bench_command(model: str, **settings) -> BenchReport:
+    return bench.run(BenchConfig(model=model, **settings))
 
 
 # --- statistics and timing loop (exact numbers, no timing assertions) ----------------------------
@@ -66,20 +70,26 @@ class FakeClock:
         self.calls += 1
 
 
+class FakeRunner:
+    """A runner whose every call takes the clock's next scripted duration."""
+
+    backend, precision, device, batch_size = "ort", "fp32", "cpu", None
+
+    def __init__(self, clock: FakeClock, hw: tuple[int, int], threads: int | None = None) -> None:
+        self.clock, self.img_size, self.threads = clock, hw, threads
+
+    def make_input(self, batch: int) -> np.ndarray:
+        return np.zeros((batch, 3, *self.img_size), np.float32)
+
+    def __call__(self, x: np.ndarray) -> None:
+        self.clock.run(x)
+
+
 def test_benchmark_loop_with_injected_clock() -> None:
     # Powers of two keep every sum exact in binary floating point.
     clock = FakeClock([0.5, 0.25, 0.125, 0.25])
-    results = benchmark(
-        clock.run,
-        lambda b: np.zeros((b, 3, 32, 64), np.float32),
-        batch_sizes=(1, 4),
-        warmup=2,
-        iters=4,
-        clock=clock,
-        backend="ort",
-        variant="x.onnx",
-        threads=3,
-    )
+    runner = FakeRunner(clock, (32, 64), threads=3)
+    results = time_runner(runner, TimingPlan(batch_sizes=(1, 4), warmup=2, iters=4), "x.onnx", clock=clock)
     assert clock.calls == 2 * (2 + 4)
     first, second = results
     # Warm-up consumed 0.5 and 0.25; the timed calls see 0.125, 0.25, 0.5, 0.25 (cycling).
@@ -94,15 +104,8 @@ def test_benchmark_loop_with_injected_clock() -> None:
 
 def test_min_seconds_extends_the_run() -> None:
     clock = FakeClock([0.25])
-    [result] = benchmark(
-        clock.run,
-        lambda b: np.zeros((b, 3, 32, 32)),
-        batch_sizes=(1,),
-        warmup=0,
-        iters=2,
-        min_seconds=1.0,
-        clock=clock,
-    )
+    runner = FakeRunner(clock, (32, 32))
+    [result] = time_runner(runner, TimingPlan(batch_sizes=(1,), warmup=0, iters=2, min_seconds=1.0), clock=clock)
     assert result.iterations == 4  # 4 x 0.25 s reaches 1 s exactly
 
 
@@ -270,8 +273,8 @@ def test_ort_bench_command_on_yolov6n(tmp_path: Path) -> None:
         warmup=1,
         iters=3,
         threads=1,
-        output_json=tmp_path / "b.json",
-        output_md=tmp_path / "b.md",
+        output_json=str(tmp_path / "b.json"),
+        output_md=str(tmp_path / "b.md"),
     )
     validate_report(json.loads((tmp_path / "b.json").read_text()))
     assert (tmp_path / "b.md").read_text() == report.to_markdown()
@@ -297,7 +300,7 @@ def test_ort_bench_of_an_onnx_file_checks_precision(tmp_path: Path) -> None:
     report = bench_command(str(path), backend="ort", batch_sizes=(1,), img_size=640, warmup=0, iters=2)
     assert report.img_size == (IMG, IMG)  # the file's own size wins over img_size
     assert report.results[0].variant == "n.onnx"
-    with pytest.raises(RepquantError, match="has no Q/DQ nodes.*--precision int8"):
+    with pytest.raises(RepquantError, match="has no Q/DQ nodes.*precision int8"):
         bench_command(str(path), backend="ort", precision="int8", batch_sizes=(1,), warmup=0, iters=1)
 
 
@@ -321,12 +324,14 @@ def test_torch_runner_plain_deployed() -> None:
     )
 
 
-def test_compare_reparam_rejects_deployed_model() -> None:
+def test_compare_train_form_rejects_deployed_model(tmp_path: Path) -> None:
+    from repquant.checkpoint import save_checkpoint
     from repquant.models import create_model
     from repquant.reparam import reparameterize
 
+    path = save_checkpoint(tmp_path / "d.safetensors", reparameterize(create_model("yolov6n", num_classes=2)))
     with pytest.raises(RepquantError, match="already deployed"):
-        compare_reparam(reparameterize(create_model("yolov6n")), (IMG, IMG))
+        bench_command(str(path), backend="torch", batch_sizes=(1,), img_size=IMG, compare_train_form=True)
 
 
 @pytest.mark.parametrize(
@@ -339,7 +344,7 @@ def test_compare_reparam_rejects_deployed_model() -> None:
     ],
 )
 def test_bench_command_rejects_unsupported_combinations(backend: str, precision: str, message: str) -> None:
-    with pytest.raises(RepquantError, match=message):
+    with pytest.raises((RepquantError, RecipeError), match=message):
         bench_command(
             "yolov6n", backend=backend, precision=precision, batch_sizes=(1,), img_size=IMG, warmup=0, iters=1
         )
@@ -350,7 +355,7 @@ def test_torch_fp16_needs_cuda() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: fp16 is allowed")
-    with pytest.raises(RepquantError, match="fp16 needs a CUDA GPU"):
+    with pytest.raises(RepquantError, match="fp16 and CUDA graphs need a CUDA GPU"):
         bench_command("yolov6n", backend="torch", precision="fp16", batch_sizes=(1,), img_size=IMG)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repquant.checkpoint import load_checkpoint, load_model, resolve_model, save_checkpoint
+from repquant.checkpoint import load_checkpoint, load_model, save_checkpoint
 from repquant.errors import CheckpointError
 from repquant.io import read_safetensors, write_safetensors
 from repquant.models import create_model
@@ -223,13 +223,23 @@ def test_save_rejects_reserved_and_non_json_metadata(tmp_path: Path, model: torc
 
 
 def test_resolve_model_name_or_path(tmp_path: Path, model: torch.nn.Module) -> None:
-    assert resolve_model("yolov6n").config.num_classes == 80
-    assert resolve_model("yolov6n", num_classes=5).config.num_classes == 5
+    from repquant.deploy.resolve import open_model
+    from repquant.modelfile import ModelKind
+
+    assert open_model("yolov6n").float_model().config.num_classes == 80
+    assert open_model("yolov6n").float_model(num_classes=5).config.num_classes == 5
     path = save_checkpoint(tmp_path / "best.safetensors", model)
-    assert resolve_model(str(path)).config.num_classes == 3
+    assert open_model(str(path)).kind is ModelKind.CHECKPOINT
+    assert open_model(str(path)).float_model().config.num_classes == 3
     with pytest.raises(CheckpointError, match="expected num_classes 80"):
-        resolve_model(str(path), num_classes=80)
-    with pytest.raises(CheckpointError, match="no such checkpoint file"):
-        resolve_model(str(tmp_path / "nope.safetensors"))
-    with pytest.raises(CheckpointError, match="an ONNX file is not a torch model"):
-        resolve_model("model.onnx")
+        open_model(str(path)).float_model(num_classes=80)
+    with pytest.raises(CheckpointError, match="nope.safetensors: no such model file"):
+        open_model(str(tmp_path / "nope.safetensors"))
+    onnx_file = tmp_path / "model.onnx"
+    onnx_file.write_bytes(b"not read")
+    with pytest.raises(CheckpointError, match="an ONNX model is not a torch model"):
+        open_model(str(onnx_file)).float_model()
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match="junk.bin: not a model file"):
+        open_model(str(junk))

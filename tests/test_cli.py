@@ -62,7 +62,7 @@ def test_missing_checkpoint_and_bad_size(runner: CliRunner, tmp_path: Path) -> N
     missing = tmp_path / "best.safetensors"
     result = runner.invoke(cli, ["export", "--model", str(missing), "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 1
-    assert result.stderr == f"error: {missing}: no such checkpoint file\n"
+    assert result.stderr == f"error: {missing}: no such model file\n"
     result = runner.invoke(cli, ["info", "--model", "yolov6n", "--img-size", "100"])
     assert result.exit_code == 2  # usage error, click's convention
     assert "multiple of 32" in result.stderr
@@ -78,7 +78,7 @@ def test_list_models(runner: CliRunner) -> None:
 
 def test_export_from_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
     from repquant.checkpoint import save_checkpoint
-    from repquant.deploy.ort import OrtDetector
+    from repquant.deploy.backends.ort import OrtDetector
     from repquant.models import create_model
 
     ckpt = save_checkpoint(tmp_path / "best.safetensors", create_model("yolov6n", num_classes=2))

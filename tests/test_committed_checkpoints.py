@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from repquant.checkpoint import load_checkpoint, load_model
-from repquant.deploy.evaluate import evaluate_model
 from repquant.deploy.onnx_export import export_onnx
+from repquant.tasks import evaluate
+from repquant.tasks.config import EvalConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTS = sorted(p for p in (ROOT / "benchmarks" / "checkpoints").glob("*_bccd*.safetensors")
@@ -31,11 +32,11 @@ def test_checkpoints_are_committed():
 def test_eval_reproduces_recorded_map_from_torch_and_onnx(ckpt: Path, tmp_path: Path):
     _, meta = load_checkpoint(ckpt)
     img_size = int(meta["img_size"])
-    torch_result, _ = evaluate_model(ckpt, DATA_YAML, img_size=img_size, progress=False)
+    torch_result = evaluate.run(EvalConfig(str(ckpt), DATA_YAML, img_size=img_size), progress=False).result
     assert torch_result.map50_95 == pytest.approx(meta["map50_95"], abs=0.002)
     assert torch_result.map50 == pytest.approx(meta["map50"], abs=0.002)
     onnx_path = export_onnx(load_model(ckpt), tmp_path / "m.onnx", img_size=img_size, dynamic_batch=True)
-    onnx_result, _ = evaluate_model(onnx_path, DATA_YAML, progress=False)
+    onnx_result = evaluate.run(EvalConfig(str(onnx_path), DATA_YAML), progress=False).result
     assert onnx_result.map50_95 == pytest.approx(meta["map50_95"], abs=0.002)
     assert onnx_result.map50 == pytest.approx(meta["map50"], abs=0.002)
 
@@ -60,7 +61,8 @@ def test_repopt_checkpoint_matches_its_committed_scales(ckpt: Path, monkeypatch)
     scales, variant = load_scales(ROOT / scales_path)
     assert variant == meta["repquant_config"]["name"]
     assert len(matched_blocks(load_model(ckpt), scales, scales_path)) == 35
-    from repquant.quant.qat import _recipe_scales_path
+    from repquant.deploy.resolve import open_model
+    from repquant.tasks.qat import _recipe_scales_path
 
     monkeypatch.chdir(ROOT)  # recipe paths are relative to the directory the run started in
-    assert _recipe_scales_path(str(ckpt)) == scales_path  # what `repquant qat` uses without --repopt-scales
+    assert _recipe_scales_path(open_model(str(ckpt))) == scales_path  # what `repquant qat` uses by default

@@ -11,8 +11,8 @@ import onnx
 import pytest
 import torch
 
+from repquant.deploy.backends.ort import OrtDetector
 from repquant.deploy.onnx_export import export_onnx, read_onnx_metadata
-from repquant.deploy.ort import OrtDetector
 from repquant.errors import CheckpointError, ModelError, RepquantError
 from repquant.models import DecodedDetector, YOLOv6, create_model, get_config
 from repquant.reparam import is_deployed, reparameterize
@@ -150,6 +150,7 @@ def test_metadata_describes_the_model(tmp_path: Path, nano, nano_deployed) -> No
         "num_classes": 3,
         "batch_size": 1,
         "decoded": True,
+        "quant": None,
     }
     assert onnx.load(path).opset_import[0].version == 13
     detector = OrtDetector(path)

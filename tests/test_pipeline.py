@@ -8,12 +8,13 @@ import pytest
 from click.testing import CliRunner
 
 from repquant.cli import cli
-from repquant.pipeline import run_demo
+from repquant.tasks import demo
+from repquant.tasks.config import DemoConfig
 
 
 def test_demo_runs_end_to_end_and_backends_agree(tmp_path):
-    result = run_demo(tmp_path / "demo", img_size=64, epochs=2, batch_size=8, workers=0,
-                      synthetic_images=(16, 8))
+    result = demo.run(DemoConfig(tmp_path / "demo", img_size=64, epochs=2, batch_size=8, workers=0,
+                                 synthetic_images=(16, 8)))
     summary = json.loads((tmp_path / "demo" / "demo.json").read_text())
     assert summary["epochs"] == 2 and summary["img_size"] == 64
     assert (tmp_path / "demo" / "model.onnx").is_file()

@@ -14,18 +14,30 @@ from click.testing import CliRunner
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
 
 from repquant.cli import cli  # noqa: E402
-from repquant.data import make_synthetic_dataset  # noqa: E402
-from repquant.deploy.evaluate import evaluate_model  # noqa: E402
 from repquant.deploy.onnx_export import read_onnx_metadata  # noqa: E402
-from repquant.deploy.ptq import keep_float_from_sensitivity, ptq_command  # noqa: E402
 from repquant.errors import CalibrationError  # noqa: E402
 from repquant.quant import ort_optimized_op_counts  # noqa: E402
+from repquant.quant.ranking import keep_float_from_sensitivity  # noqa: E402
+from repquant.tasks import evaluate, ptq  # noqa: E402
+from repquant.tasks.config import AUTO, EvalConfig, PTQConfig  # noqa: E402
+
+
+def ptq_command(model: str, data: Path, output: Path, mode: str = "isolated", metric: str = "mse", **settings):
+    if settings.get("keep_float") == "auto":
+        settings["keep_float"] = AUTO
+    progress = settings.pop("progress", False)
+    config = PTQConfig(model=model, data=data, output=output, ranking_mode=mode, ranking_metric=metric, **settings)
+    return ptq.run(config, progress=progress)
+
+
+def evaluate_model(path: Path, data: Path, progress: bool = False):
+    report = evaluate.run(EvalConfig(str(path), data), progress=progress)
+    return report.result, report.img_size
 
 
 @pytest.fixture(scope="module")
-def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("ptq"), num_train=6, num_val=2, img_size=(64, 64),
-                                  num_classes=2, seed=0)
+def data_yaml(tiny_data_yaml: Path) -> Path:
+    return tiny_data_yaml
 
 
 def _quantized_weights(proto: onnx.ModelProto) -> set[str]:

@@ -21,8 +21,9 @@ import pytest
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
 
 from repquant.checkpoint import load_checkpoint  # noqa: E402
-from repquant.deploy.ptq import ptq_command  # noqa: E402
 from repquant.quant import ort_optimized_op_counts, qdq_nodes  # noqa: E402
+from repquant.tasks import ptq as ptq_task  # noqa: E402
+from repquant.tasks.config import PTQConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "benchmarks" / "checkpoints" / "yolov6s_bccd.safetensors"
@@ -39,8 +40,9 @@ pytestmark = pytest.mark.skipif(not (ROOT.parent / "shared" / "data" / "bccd").i
 def ptq(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     img_size = int(load_checkpoint(CHECKPOINT)[1]["img_size"])
     out = tmp_path_factory.mktemp("ptq_bccd") / f"yolov6s_{request.param}.onnx"
-    return ptq_command(str(CHECKPOINT), DATA_YAML, out, keep_float=KEEP_FLOAT, sensitivity_json=SENSITIVITY,
-                       calib_images=16, img_size=img_size, layout=request.param, progress=False)
+    config = PTQConfig(str(CHECKPOINT), DATA_YAML, out, keep_float=KEEP_FLOAT, sensitivity_json=SENSITIVITY,
+                       calib_images=16, img_size=img_size, layout=request.param)
+    return ptq_task.run(config, progress=False)
 
 
 def test_fake_quant_matches_onnx_runtime(ptq) -> None:
@@ -107,16 +109,18 @@ def test_parity_catches_a_wrong_scale(tmp_path: Path) -> None:
     import torch
     from onnx import numpy_helper
 
-    from repquant.deploy.ptq import export_quantized_onnx, qdq_parity
+    from repquant.deploy.qdq import QDQExport, export_quantized_onnx, qdq_parity
     from repquant.quant.config import QuantConfig
-    from repquant.quant.report import load_for_quantization
     from repquant.quant.sensitivity import quantized_copy
+    from repquant.tasks.inputs import load_quant_inputs
 
     # A trained model: an untrained YOLOv6 head (zero-initialized predictions) outputs constants.
     checkpoint = ROOT / "benchmarks" / "checkpoints" / "yolov6n_bccd.safetensors"
-    model, _, batches, _ = load_for_quantization(str(checkpoint), DATA_YAML, 4, 160, 0, 2)
+    inputs = load_quant_inputs(PTQConfig(str(checkpoint), DATA_YAML, tmp_path / "x.onnx", calib_images=4,
+                                         img_size=160))
+    model, batches = inputs.model, inputs.batches
     qmodel, _ = quantized_copy(model, batches, QuantConfig(num_calib_images=4))
-    good = export_quantized_onnx(qmodel, tmp_path / "good.onnx", (160, 160), {})
+    good = export_quantized_onnx(qmodel, tmp_path / "good.onnx", QDQExport(160, {}))
     images = torch.cat(batches)
     exact = qdq_parity(qmodel, good, images)
     assert exact.exact(FLOOR_MARGIN_DB), exact

@@ -19,15 +19,25 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extr
 
 from repquant.checkpoint import load_model, save_checkpoint  # noqa: E402
 from repquant.cli import cli  # noqa: E402
-from repquant.data import make_synthetic_dataset  # noqa: E402
-from repquant.deploy.ptq import qdq_parity  # noqa: E402
+from repquant.deploy.qdq import qdq_parity  # noqa: E402
 from repquant.errors import CheckpointError  # noqa: E402
 from repquant.io import torch_load_weights_only  # noqa: E402
 from repquant.models import create_model  # noqa: E402
+from repquant.quant.checkpoint import load_quantized_model  # noqa: E402
 from repquant.quant.config import QuantConfig  # noqa: E402
-from repquant.quant.qat import QATConfig, load_quantized_model, qat_train  # noqa: E402
-from repquant.quant.report import load_for_quantization  # noqa: E402
 from repquant.quant.sensitivity import quantized_copy  # noqa: E402
+from repquant.tasks import qat  # noqa: E402
+from repquant.tasks.config import QATConfig, SensitivityConfig  # noqa: E402
+from repquant.tasks.inputs import load_quant_inputs  # noqa: E402
+
+
+def qat_train(config: QATConfig, resume: bool = False, progress: bool = False) -> qat.QATResult:
+    return qat.run(config, resume=resume, progress=progress)
+
+
+def load_for_quantization(model: str, data: Path, calib_images: int, img_size: int):
+    inputs = load_quant_inputs(SensitivityConfig(model, data, calib_images=calib_images, img_size=img_size))
+    return inputs.model, inputs.data, inputs.batches, inputs.calibration
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP = "neck.Rep_p3.conv1.rbr_reparam"
@@ -36,9 +46,8 @@ QAT_ARGS = ["--keep-float", "1", "--cw-distill", "--kd-cls", "--epochs", "1", "-
 
 
 @pytest.fixture(scope="module")
-def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("qat"), num_train=6, num_val=2, img_size=(64, 64),
-                                  num_classes=2, seed=0)
+def data_yaml(tiny_data_yaml: Path) -> Path:
+    return tiny_data_yaml
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +81,7 @@ def test_one_epoch_logs_every_loss_component(qat_run) -> None:
     for term in ("cls", "iou", "dfl", "cwd", "kd_cls", "total"):
         assert f"{term} " in output
     state = torch_load_weights_only(Path(f"{out}.state.pt"))
-    assert state["epoch"] == 0 and state["keep_float_layers"] == [KEEP]
+    assert state["epoch"] == 0 and state["identity"]["keep_float_layers"] == [KEEP]
     assert state["history"][0]["cwd"] > 0.0
 
 
@@ -142,7 +151,7 @@ def test_torchrun_two_processes_gloo(data_yaml: Path, start, tmp_path: Path) -> 
     assert "DDP rank 0/2" in log and "DDP rank 1/2" in log
     state = torch_load_weights_only(Path(f"{out}.state.pt"))
     assert state["epoch"] == 0 and len(state["history"]) == 1
-    assert state["history"][0]["scale_mean_abs_log_ratio"] > 0.0 and state["scales"] is not None
+    assert state["history"][0]["scale_mean_abs_log_ratio"] > 0.0 and state["extra"]["scales"] is not None
     assert load_quantized_model(out)[1]["keep_float_layers"] == [KEEP]
 
 

@@ -12,18 +12,43 @@ from torch import nn
 pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extra 'quant') not installed")
 
 from repquant.checkpoint import save_checkpoint  # noqa: E402
-from repquant.data import make_synthetic_dataset  # noqa: E402
-from repquant.deploy.ptq import qdq_parity  # noqa: E402
+from repquant.deploy.qdq import export_quantized_checkpoint, qdq_parity  # noqa: E402
 from repquant.errors import CheckpointError, RecipeError  # noqa: E402
 from repquant.models import create_model  # noqa: E402
 from repquant.models.blocks import RealVGGBlock  # noqa: E402
 from repquant.quant import _modelopt  # noqa: E402
+from repquant.quant.checkpoint import load_quantized_model  # noqa: E402
 from repquant.quant.config import QuantConfig  # noqa: E402
 from repquant.quant.learnable_scales import LearnableScales  # noqa: E402
-from repquant.quant.qat import QATConfig, _QATRun, load_quantized_model, qat_train  # noqa: E402
-from repquant.quant.report import load_for_quantization  # noqa: E402
 from repquant.quant.sensitivity import quantized_copy  # noqa: E402
+from repquant.tasks import qat  # noqa: E402
+from repquant.tasks.config import QATConfig, SensitivityConfig  # noqa: E402
+from repquant.tasks.inputs import load_quant_inputs  # noqa: E402
+from repquant.train import ddp  # noqa: E402
 from repquant.train.repopt import RepOptimizer, folded_gradient_masks, save_scales  # noqa: E402
+from repquant.train.trainer import Trainer  # noqa: E402
+
+
+def qat_train(config: QATConfig, resume: bool = False, progress: bool = False) -> qat.QATResult:
+    return qat.run(config, resume=resume, progress=progress)
+
+
+def load_for_quantization(model: str, data: Path, calib_images: int, img_size: int):
+    inputs = load_quant_inputs(SensitivityConfig(model, data, calib_images=calib_images, img_size=img_size))
+    return inputs.model, inputs.data, inputs.batches, inputs.calibration
+
+
+class _QATRun:
+    """The parts QAT hands to the training loop, and that loop."""
+
+    def __init__(self, config: QATConfig) -> None:
+        dist, device = ddp.init_distributed("cpu")
+        self.parts, hooks, _ = qat.qat_parts(config, dist, device, progress=False)
+        self.optimizer, self.qmodel = self.parts.optimizer, self.parts.model
+        self.trainer = Trainer(self.parts, qat.loop_config(config), dist, device, hooks)
+
+    def run(self):
+        return self.trainer.run()
 
 TINY = dict(batch_size=4, img_size=64, calib_images=4, device="cpu", epochs=1, lr=0.01)
 
@@ -65,7 +90,9 @@ def test_lsq_gradient_matches_the_formula(per_channel: bool) -> None:
     assert torch.allclose(scales.log_amax[key].grad / 1.5, x_amax.grad, rtol=1e-4)  # d/dlog = amax * d/damax
     if per_channel:
         grad = scales.log_amax["conv__weight_quantizer"].grad
-        assert grad.abs().min() > 0 and torch.allclose(grad / w_amax, w_ref_amax.grad, rtol=1e-4)
+        # atol: a channel whose gradient terms nearly cancel differs in summation order (threads) only
+        scale = w_ref_amax.grad.abs().max()
+        assert grad.abs().min() > 0 and torch.allclose(grad / w_amax, w_ref_amax.grad, rtol=1e-4, atol=1e-5 * scale)
     else:
         assert "conv__weight_quantizer" not in scales.log_amax  # disabled quantizers are not trained
     with torch.no_grad():
@@ -73,9 +100,8 @@ def test_lsq_gradient_matches_the_formula(per_channel: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("qat_opts"), num_train=6, num_val=2, img_size=(64, 64),
-                                  num_classes=2, seed=0)
+def data_yaml(tiny_data_yaml: Path) -> Path:
+    return tiny_data_yaml
 
 
 def _float_checkpoint(path: Path, block_mode: str = "repvgg") -> Path:
@@ -111,8 +137,6 @@ def test_learned_scales_are_trained_tied_saved_and_exported(data_yaml: Path, tmp
         values = [quantizers[n].amax for n in group if quantizers[n].is_enabled]
         assert all(torch.equal(values[0], v) for v in values[1:])
     onnx_path = tmp_path / "lsq.onnx"
-    from repquant.deploy.ptq import export_quantized_checkpoint
-
     export_quantized_checkpoint(out, onnx_path, img_size=64)
     parity = qdq_parity(qmodel, onnx_path, torch.cat(batches))
     assert parity.exact(), parity  # the exported Q/DQ scales are the trained ones
@@ -123,7 +147,7 @@ def test_learned_scales_resume(data_yaml: Path, tmp_path: Path) -> None:
     base = dict(model=str(checkpoint), data=str(data_yaml), output=str(tmp_path / "r.safetensors"),
                 learn_scales=True, **{**TINY, "epochs": 1})
     qat_train(QATConfig(**base), progress=False)
-    with pytest.raises(CheckpointError, match="resume with the same --learn-scales"):
+    with pytest.raises(CheckpointError, match="learn_scales=True, this run False; resume with the same settings"):
         qat_train(QATConfig(**{**base, "learn_scales": False, "epochs": 2}), resume=True, progress=False)
     resumed = qat_train(QATConfig(**{**base, "epochs": 2}), resume=True, progress=False)
     assert [int(r["epoch"]) for r in resumed.history] == [0, 1]
@@ -150,7 +174,7 @@ def test_repopt_model_is_fine_tuned_with_folded_masks(repopt_start, data_yaml: P
 
     checkpoint, scales_path = repopt_start
     run = _QATRun(QATConfig(model=str(checkpoint), data=str(data_yaml), output=str(tmp_path / "q.safetensors"),
-                            repopt_scales=str(scales_path), keep_float=2, **TINY), resume=False, progress=False)
+                            repopt_scales=str(scales_path), keep_float=2, **TINY))
     assert isinstance(run.optimizer, RepOptimizer)
     expected = folded_gradient_masks(load_model(str(checkpoint)), load_scales(scales_path)[0])
     names = {id(p): n for n, p in run.qmodel.named_parameters()}
@@ -165,20 +189,20 @@ def test_repopt_scales_errors(repopt_start, data_yaml: Path, tmp_path: Path) -> 
     checkpoint, scales_path = repopt_start
     base = dict(data=str(data_yaml), output=str(tmp_path / "q.safetensors"), **TINY)
     with pytest.raises(RecipeError, match="was trained with RepOptimizer; pass --repopt-scales"):
-        _QATRun(QATConfig(model=str(checkpoint), **base), resume=False, progress=False)
+        _QATRun(QATConfig(model=str(checkpoint), **base))
     plain = _float_checkpoint(tmp_path / "plain.safetensors")
     with pytest.raises(RecipeError, match="was not trained with RepOptimizer"):
-        _QATRun(QATConfig(model=str(plain), repopt_scales=str(scales_path), **base), resume=False, progress=False)
+        _QATRun(QATConfig(model=str(plain), repopt_scales=str(scales_path), **base))
     other = tmp_path / "other.safetensors"
     save_scales(other, {"backbone.stem.scale_conv": torch.ones(3)}, "yolov6s")
     with pytest.raises(CheckpointError, match="other.safetensors: scales do not match the model"):
-        _QATRun(QATConfig(model=str(checkpoint), repopt_scales=str(other), **base), resume=False, progress=False)
+        _QATRun(QATConfig(model=str(checkpoint), repopt_scales=str(other), **base))
 
 
 def test_repopt_masks_can_be_switched_off(repopt_start, data_yaml: Path, tmp_path: Path) -> None:
     checkpoint, _ = repopt_start
     run = _QATRun(QATConfig(model=str(checkpoint), data=str(data_yaml), output=str(tmp_path / "q.safetensors"),
-                            repopt_masks=False, **TINY), resume=False, progress=False)
+                            repopt_masks=False, **TINY))
     assert type(run.optimizer) is torch.optim.SGD  # no scales file needed, no masks applied
 
 

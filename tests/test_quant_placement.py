@@ -107,7 +107,8 @@ def test_consumers_of_one_tensor_share_a_scale() -> None:
 
 
 def test_placement_on_real_bottlerep_stage() -> None:
-    from repquant.models.blocks import BepC3, block_factory
+    from repquant.models.blocks import block_factory
+    from repquant.models.layers import BepC3
     from repquant.reparam import reparameterize
 
     torch.manual_seed(0)

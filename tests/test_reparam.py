@@ -9,19 +9,15 @@ from torch import nn
 
 from repquant.models import create_model, list_models
 from repquant.models.blocks import (
-    SPPF,
-    BepC3,
-    BiFusion,
-    BottleRep,
     ConvBNAct,
     LinearAddBlock,
     QARepVGGBlock,
     RealVGGBlock,
     RepVGGBlock,
     ScaleLayer,
-    SimCSPSPPF,
     block_factory,
 )
+from repquant.models.layers import SPPF, BepC3, BiFusion, BottleRep, SimCSPSPPF
 from repquant.reparam import (
     fuse_conv_bn,
     identity_kernel,

@@ -22,7 +22,8 @@ from quant_models import Residual  # noqa: E402
 
 from repquant.quant import QuantConfig, export_qdq_onnx, find_placement  # noqa: E402
 from repquant.quant.metrics import ErrorAccumulator  # noqa: E402
-from repquant.quant.report import average_ranks, result_to_dict, spearman  # noqa: E402
+from repquant.quant.ranking import average_ranks, spearman  # noqa: E402
+from repquant.quant.report import result_to_dict  # noqa: E402
 from repquant.quant.sensitivity import layer_sensitivity, quantized_copy, set_enabled_layers  # noqa: E402
 
 

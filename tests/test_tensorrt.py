@@ -117,7 +117,8 @@ def test_build_engine_without_tensorrt_names_the_extra(tmp_path: Path, fp32_onnx
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-dependency path cannot run")
 def test_runner_and_bench_without_tensorrt(tmp_path: Path, fp32_onnx: Path) -> None:
-    from repquant.deploy.benchmark import bench_command
+    from repquant.tasks import bench
+    from repquant.tasks.config import BenchConfig
 
     engine = tmp_path / "m.engine"
     engine.write_bytes(b"not an engine")
@@ -126,9 +127,8 @@ def test_runner_and_bench_without_tensorrt(tmp_path: Path, fp32_onnx: Path) -> N
     with pytest.raises(CheckpointError, match="no such TensorRT engine file"):
         TrtRunner(tmp_path / "absent.engine")
     with pytest.raises(MissingDependencyError, match=INSTALL_HINT.replace("[", r"\[").replace("]", r"\]")):
-        bench_command(
-            str(fp32_onnx), backend="tensorrt", precision="fp32", batch_sizes=(1,), warmup=0, iters=1
-        )
+        bench.run(BenchConfig(str(fp32_onnx), backend="tensorrt", precision="fp32", batch_sizes=(1,), warmup=0,
+                              iters=1))
 
 
 # --- real engines (TensorRT + GPU) ----------------------------------------------------------------
@@ -149,7 +149,7 @@ def test_engine_matches_onnx_runtime(tmp_path: Path, fp32_onnx: Path, precision:
     _require_trt_gpu()
     import torch
 
-    from repquant.deploy.ort import OrtDetector
+    from repquant.deploy.backends.ort import OrtDetector
 
     info = build_engine(
         fp32_onnx,
@@ -198,10 +198,11 @@ def test_int8_engine_from_qdq_onnx(tmp_path: Path) -> None:
 @pytest.mark.gpu
 def test_bench_command_tensorrt(tmp_path: Path, fp32_onnx: Path) -> None:
     _require_trt_gpu()
-    from repquant.deploy.benchmark import bench_command, validate_report
+    from repquant.deploy.report import validate_report
+    from repquant.tasks import bench
+    from repquant.tasks.config import BenchConfig
 
-    report = bench_command(
-        str(fp32_onnx), backend="tensorrt", precision="fp16", batch_sizes=(1, 2), warmup=2, iters=5
-    )
+    report = bench.run(BenchConfig(str(fp32_onnx), backend="tensorrt", precision="fp16", batch_sizes=(1, 2),
+                                   warmup=2, iters=5))
     validate_report(report.to_dict())
     assert [r.timer for r in report.results] == ["cuda_events"] * 2

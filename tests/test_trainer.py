@@ -24,6 +24,7 @@ from repquant.data import make_synthetic_dataset
 from repquant.errors import CheckpointError, RepquantError
 from repquant.io import torch_load_weights_only
 from repquant.train.config import DistillConfig, TrainConfig
+from repquant.train.fit import make_trainer, train
 from repquant.train.schedule import cosine_lr_factor
 from repquant.train.trainer import Trainer
 
@@ -50,7 +51,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from repquant.train.config import DistillConfig, TrainConfig
-from repquant.train.trainer import train
+from repquant.train.fit import train
 
 args = json.loads(sys.argv[1])
 settings = dict(args["settings"], data=Path(args["data"]), output_dir=Path(args["out"]))
@@ -63,7 +64,7 @@ def on_epoch_start(t):
     record["mosaic"].append(t.train_set.mosaic_enabled)
 
 def on_batch_end(t):
-    groups = t.state.optimizer.param_groups
+    groups = t.parts.optimizer.param_groups
     record["lrs"].append([t.epoch, t.step + t.iters_per_epoch * t.epoch, t.warmup_iters]
                          + [g["lr"] for g in groups] + [groups[0]["momentum"]])
     if args.get("block_epoch") == t.epoch:
@@ -71,7 +72,7 @@ def on_batch_end(t):
         time.sleep(600)
 
 def on_epoch_end(t):
-    shutil.copy(t.last_path, t.last_path.with_name(f"epoch{t.epoch}.pt"))
+    shutil.copy(t.state_path, t.state_path.with_name(f"epoch{t.epoch}.pt"))
 
 result = train(TrainConfig(**settings), resume=args["resume"],
                callbacks={"on_train_start": on_train_start, "on_epoch_start": on_epoch_start,
@@ -148,8 +149,8 @@ def _assert_same_state(a: dict, b: dict) -> None:
     _assert_same_tensors(a["model"], b["model"], "model")
     _assert_same_tensors(a["ema"]["ema"], b["ema"]["ema"], "ema")
     assert a["ema"]["updates"] == b["ema"]["updates"]
-    moments_a = {str(k): v["momentum_buffer"] for k, v in a["optimizer"]["state"].items()}
-    moments_b = {str(k): v["momentum_buffer"] for k, v in b["optimizer"]["state"].items()}
+    moments_a = {str(k): v["momentum_buffer"] for k, v in a["optimizers"][0]["state"].items()}
+    moments_b = {str(k): v["momentum_buffer"] for k, v in b["optimizers"][0]["state"].items()}
     _assert_same_tensors(moments_a, moments_b, "optimizer momentum")
     assert a["history"] == b["history"]
 
@@ -222,25 +223,25 @@ def test_lr_and_momentum_follow_the_schedule(runs: dict) -> None:
 
 def test_resume_without_checkpoint_and_overwrite_are_refused(tmp_path: Path, data_yaml: Path) -> None:
     config = TrainConfig(**{**RUN_SETTINGS, "data": data_yaml, "output_dir": tmp_path / "run"})
-    with pytest.raises(CheckpointError, match="no checkpoint to resume"):
-        Trainer(config, resume=True)
+    with pytest.raises(CheckpointError, match="last.pt: no training state to resume from"):
+        train(config, resume=True)
     (tmp_path / "run" / "weights").mkdir(parents=True)
     (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="already holds a run"):
-        Trainer(config)
+    with pytest.raises(CheckpointError, match="a training run is already there; resume it"):
+        train(config)
 
 
 def test_unknown_hook_is_refused(tmp_path: Path, data_yaml: Path) -> None:
     config = TrainConfig(**{**RUN_SETTINGS, "data": data_yaml, "output_dir": tmp_path / "run"})
     with pytest.raises(RepquantError, match="unknown hook 'on_step_end'"):
-        Trainer(config, callbacks={"on_step_end": print})
+        make_trainer(config, callbacks={"on_step_end": print})
 
 
 def _train_here(config: TrainConfig, callbacks: dict | None = None) -> Trainer:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = Trainer(config, callbacks=callbacks)
+        trainer = make_trainer(config, callbacks=callbacks)
         trainer.run()
         return trainer
     finally:
@@ -258,26 +259,27 @@ def test_self_distillation_with_frozen_teacher(runs: dict, data_yaml: Path, tmp_
     seen = []
 
     def on_batch_end(t: Trainer) -> None:
-        frozen = not any(p.requires_grad for p in t.teacher.parameters())
-        seen.append((dict(t.loss_items), t.teacher.training, frozen))
+        teacher = t.parts.loss_fn.teacher
+        frozen = not any(p.requires_grad for p in teacher.parameters())
+        seen.append((dict(t.loss_items), teacher.training, frozen))
 
     trainer = _train_here(config, {"on_batch_end": on_batch_end})
     items, teacher_training, frozen = seen[0]
     assert items["distill"] > 0 and not teacher_training and frozen
     assert items["total"] == pytest.approx(items["cls"] + items["iou"] + items["dfl"] + items["distill"])
     reference = load_model(teacher_path).state_dict()
-    _assert_same_tensors(reference, trainer.teacher.state_dict(), "teacher")  # BN statistics untouched
+    _assert_same_tensors(reference, trainer.parts.loss_fn.teacher.state_dict(), "teacher")  # BN statistics untouched
 
 
 def test_repopt_hyper_search_then_repopt(data_yaml: Path, tmp_path: Path) -> None:
     from repquant.train.repopt import RepOptimizer, load_scales
 
     search = _train_here(_one_epoch(data_yaml, tmp_path / "search", block_mode="hyper_search"))
-    scales, name = load_scales(search.scales_path)
+    scales_path = search.parts.save_best.scales_path
+    scales, name = load_scales(scales_path)
     assert name == "yolov6n" and scales
-    trainer = _train_here(_one_epoch(data_yaml, tmp_path / "repopt", block_mode="repopt",
-                                     repopt_scales=search.scales_path))
-    assert isinstance(trainer.state.optimizer, RepOptimizer) and trainer.state.optimizer.grad_masks
+    trainer = _train_here(_one_epoch(data_yaml, tmp_path / "repopt", block_mode="repopt", repopt_scales=scales_path))
+    assert isinstance(trainer.parts.optimizer, RepOptimizer) and trainer.parts.optimizer.grad_masks
     assert math.isfinite(trainer.state.history[-1]["total"])
 
 
@@ -286,21 +288,30 @@ def test_truncated_state_is_a_checkpoint_error(tmp_path: Path, data_yaml: Path) 
     (tmp_path / "run" / "weights").mkdir(parents=True)
     (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(CheckpointError, match="last.pt: unreadable training state"):
-        Trainer(config, resume=True)
+        train(config, resume=True)
 
 
 def test_cli_hyper_search_then_train_repopt(data_yaml: Path, tmp_path: Path) -> None:
     """The two RepOpt commands end to end, as a user runs them (the CLI hands train-repopt a Path)."""
     import yaml
-    from click.testing import CliRunner
-
-    from repquant.cli import cli
-    from repquant.io import read_safetensors_metadata
 
     settings = {**RUN_SETTINGS, "epochs": 1, "batch_size": NUM_TRAIN, "data": str(data_yaml)}
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(settings))
     search_dir, repopt_dir = tmp_path / "hs", tmp_path / "ro"
+    threads = torch.get_num_threads()  # --threads 1 sets it for the whole test process
+    try:
+        _cli_hyper_search_then_train_repopt(recipe, search_dir, repopt_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _cli_hyper_search_then_train_repopt(recipe: Path, search_dir: Path, repopt_dir: Path) -> None:
+    from click.testing import CliRunner
+
+    from repquant.cli import cli
+    from repquant.io import read_safetensors_metadata
+
     res = CliRunner().invoke(cli, ["--threads", "1", "hyper-search", str(recipe), "--set", f"output_dir={search_dir}"])
     assert res.exit_code == 0, res.output
     scales = search_dir / "weights" / "scales.safetensors"

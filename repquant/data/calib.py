@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from repquant.data.dataset import DetectionDataset, load_data_config
+from repquant.data.config import load_data_config
+from repquant.data.dataset import DetectionDataset
 from repquant.data.transforms import PAD_VALUE
 from repquant.errors import CalibrationError
 from repquant.recipe import load_recipe

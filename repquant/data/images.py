@@ -29,9 +29,9 @@ def _open_rgb(path: Path) -> Image.Image:
         with warnings.catch_warnings():
             # PIL warns (instead of failing) on some broken EXIF blocks; a warning is not corruption.
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                img.load()  # decode every byte now: a truncated JPEG fails here, not mid-training
-                img = ImageOps.exif_transpose(img)
+            with Image.open(path) as opened:
+                opened.load()  # decode every byte now: a truncated JPEG fails here, not mid-training
+                img: Image.Image = ImageOps.exif_transpose(opened)
                 if img.mode != "RGB":
                     # L, P, RGBA, CMYK ...: convert (alpha is dropped, as cv2.imread does).
                     img = img.convert("RGB")

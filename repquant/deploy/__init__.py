@@ -1,4 +1,4 @@
-"""Deployment: ONNX export, ONNX Runtime sessions (TensorRT engines live in ``deploy.tensorrt``).
+"""Deployment: ONNX export, QDQ files, engine backends (``deploy.backends``), the model resolver, timing.
 
 Names are resolved lazily so that importing one of them does not load the others' heavy
 dependencies (``export_onnx`` needs torch, ``OrtDetector`` needs onnxruntime).
@@ -12,7 +12,7 @@ from typing import Any
 _LAZY = {
     "export_onnx": "repquant.deploy.onnx_export",
     "read_onnx_metadata": "repquant.deploy.onnx_export",
-    "OrtDetector": "repquant.deploy.ort",
+    "OrtDetector": "repquant.deploy.backends.ort",
 }
 
 __all__ = list(_LAZY)

@@ -42,7 +42,7 @@ def normalize_img_size(img_size: int | tuple[int, int] | list[int]) -> tuple[int
         raise ModelError(
             f"image size {img_size!r}: height and width must be positive multiples of {_MAX_STRIDE}"
         )
-    return hw  # type: ignore[return-value]
+    return hw
 
 
 def export_onnx(
@@ -82,34 +82,29 @@ def export_onnx(
         net = reparameterize(net)
     wrapper = DecodedDetector(net, (h, w)).eval() if decoded else net
     output_names = DECODED_OUTPUTS if decoded else RAW_OUTPUTS
-    dynamic_axes = None
-    if dynamic_batch:
-        dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)}
-
-    buffer = io.BytesIO()
-    dummy = torch.zeros(batch_size, 3, h, w)
-    with torch.no_grad(), warnings.catch_warnings():
-        # The legacy exporter announces its own deprecation on every call; we choose it on purpose.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(
-            wrapper,
-            (dummy,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=[INPUT_NAME],
-            output_names=list(output_names),
-            dynamic_axes=dynamic_axes,
-            do_constant_folding=True,
-        )
-    proto = onnx.load_model_from_string(buffer.getvalue())
+    proto = _trace_to_onnx(wrapper, torch.zeros(batch_size, 3, h, w), output_names, dynamic_batch, opset)
     if simplify:
         proto = _simplify(proto)
     set_onnx_metadata(proto, export_metadata(config, (h, w), 0 if dynamic_batch else batch_size, decoded))
     onnx.checker.check_model(proto, full_check=True)
     atomic_write_bytes(path, proto.SerializeToString())
     return path
+
+
+def _trace_to_onnx(wrapper: nn.Module, dummy: Any, output_names: tuple[str, ...], dynamic_batch: bool,
+                   opset: int) -> onnx.ModelProto:
+    """The TorchScript exporter's graph of ``wrapper`` on ``dummy`` (constant-folded, batch axis optional)."""
+    import torch
+
+    dynamic_axes = {name: {0: "batch"} for name in (INPUT_NAME, *output_names)} if dynamic_batch else None
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        # The legacy exporter announces its own deprecation on every call; we choose it on purpose.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(wrapper, (dummy,), buffer,  # type: ignore[arg-type]  # file-like is supported dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
+    return onnx.load_model_from_string(buffer.getvalue())
 
 
 def export_metadata(config: Any, img_hw: tuple[int, int], batch_size: int, decoded: bool = True) -> dict[str, str]:
@@ -163,6 +158,7 @@ def decode_onnx_metadata(props: dict[str, str], path: str | os.PathLike) -> dict
             "num_classes": int(props["repquant_num_classes"]),
             "batch_size": batch or None,
             "decoded": json.loads(props.get("repquant_decoded", "true")),
+            "quant": json.loads(props["repquant_quant"]) if "repquant_quant" in props else None,
         }
     except KeyError as err:
         raise CheckpointError(
@@ -181,3 +177,13 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not ok:
         raise ModelError("onnxsim could not validate the simplified graph; export without simplify")
     return simplified
+
+
+def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
+    """Whether the ONNX graph holds QuantizeLinear/DequantizeLinear nodes (explicit quantization); the graph
+    only, external weights are not read. An unreadable file raises ``CheckpointError`` naming it."""
+    try:
+        proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    except Exception as err:  # protobuf DecodeError, OSError: no common base class
+        raise CheckpointError(f"{onnx_path}: not a readable ONNX file ({type(err).__name__})") from None
+    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in proto.graph.node)

@@ -21,6 +21,7 @@ from typing import Any
 
 from repquant.errors import RepquantError
 from repquant.io import atomic_write_bytes, atomic_write_text
+from repquant.vocab import BACKENDS, PRECISIONS
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,6 @@ def plot_pareto(
 # --- benchmark report format (schema version SCHEMA_VERSION) ----------------------------------
 
 SCHEMA_VERSION = 1
-BACKENDS = ("torch", "ort", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)

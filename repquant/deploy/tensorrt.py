@@ -30,10 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repquant.deploy.onnx_export import onnx_has_qdq
 from repquant.errors import CheckpointError, MissingDependencyError, ModelError, RepquantError
 from repquant.io import atomic_open, atomic_write_bytes, atomic_write_text
+from repquant.vocab import PRECISIONS
 
-PRECISIONS = ("fp32", "fp16", "int8")
 ENGINE_METADATA_VERSION = 1
 
 
@@ -79,14 +80,6 @@ def require_cuda(what: str) -> Any:
     if not torch.cuda.is_available():
         raise RepquantError(f"{what} needs a CUDA GPU, but torch sees none (CUDA_VISIBLE_DEVICES, driver?)")
     return torch
-
-
-def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
-    """Whether the ONNX graph holds QuantizeLinear/DequantizeLinear nodes (explicit quantization)."""
-    import onnx
-
-    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in proto.graph.node)
 
 
 def onnx_has_fp16_weights(onnx_path: str | os.PathLike) -> bool:
@@ -145,48 +138,19 @@ def build_engine(
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     batches = _check_request(onnx_path, precision, batch_sizes)
-    trt = import_tensorrt()
+    trt = _import_trt10(onnx_path, precision)
     torch = require_cuda("building a TensorRT engine")
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        found = trt.__version__
-        raise MissingDependencyError("tensorrt>=10", "tensorrt", f"building engines (found {found})")
-    has_precision_flags = hasattr(trt.BuilderFlag, "INT8")  # removed in TensorRT 11
-    if not has_precision_flags and precision == "fp16" and not onnx_has_fp16_weights(onnx_path):
-        raise RepquantError(
-            f"{onnx_path}: TensorRT {trt.__version__} builds strongly typed networks, so an FP16 engine "
-            "needs an ONNX file with FP16 weights"
-        )
-
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    strongly_typed = not has_precision_flags
-    # TRT 11 ignores the flag (always strongly typed); TRT 10 runs weakly typed so that flags apply.
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(os.fspath(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise ModelError(f"{onnx_path}: TensorRT cannot parse the ONNX file ({errors[:300]})")
-    if network.num_inputs != 1:
-        raise ModelError(f"{onnx_path}: expected one input tensor, found {network.num_inputs}")
+    network, parser = _parse_network(trt, builder, logger, onnx_path)
     tensor = network.get_input(0)
     input_name, input_shape = tensor.name, tuple(int(d) for d in tensor.shape)
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
-    if has_precision_flags and precision in ("fp16", "int8"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if has_precision_flags and precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
-        # TF32 is on by default and rounds matmul/conv inputs to 10 mantissa bits: not FP32.
-        config.clear_flag(trt.BuilderFlag.TF32)
+    config = _builder_config(trt, builder, precision, workspace_mb)
     _add_profiles(builder, config, onnx_path, input_name, input_shape, batches)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     if cache_path is not None:
         cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
         config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
-
     start = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     build_seconds = time.perf_counter() - start
@@ -196,24 +160,60 @@ def build_engine(
         f.write(memoryview(serialized))
     if cache_path is not None:
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-
     info = EngineInfo(
-        engine_path=str(engine_path),
-        metadata_path=str(engine_metadata_path(engine_path)),
-        precision=precision,
-        batch_sizes=batches,
-        input_name=input_name,
-        input_shape=input_shape,
-        strongly_typed=strongly_typed,
-        tensorrt_version=trt.__version__,
-        gpu_name=torch.cuda.get_device_name(torch.cuda.current_device()),
-        onnx_path=str(onnx_path),
-        onnx_sha256=sha256_file(onnx_path),
-        engine_bytes=int(serialized.nbytes),
-        build_seconds=round(build_seconds, 3),
+        engine_path=str(engine_path), metadata_path=str(engine_metadata_path(engine_path)), precision=precision,
+        batch_sizes=batches, input_name=input_name, input_shape=input_shape,
+        strongly_typed=not hasattr(trt.BuilderFlag, "INT8"), tensorrt_version=trt.__version__,
+        gpu_name=torch.cuda.get_device_name(torch.cuda.current_device()), onnx_path=str(onnx_path),
+        onnx_sha256=sha256_file(onnx_path), engine_bytes=int(serialized.nbytes), build_seconds=round(build_seconds, 3),
     )
     atomic_write_text(info.metadata_path, json.dumps(info.to_dict(), indent=2) + "\n")
     return info
+
+
+def _import_trt10(onnx_path: Path, precision: str) -> Any:
+    """TensorRT >= 10; under 11 (strongly typed, no precision flags) an FP16 build needs FP16 weights."""
+    trt = import_tensorrt()
+    major = int(trt.__version__.split(".")[0])
+    if major < 10:
+        found = trt.__version__
+        raise MissingDependencyError("tensorrt>=10", "tensorrt", f"building engines (found {found})")
+    strongly_typed = not hasattr(trt.BuilderFlag, "INT8")  # removed in TensorRT 11
+    if strongly_typed and precision == "fp16" and not onnx_has_fp16_weights(onnx_path):
+        raise RepquantError(
+            f"{onnx_path}: TensorRT {trt.__version__} builds strongly typed networks, so an FP16 engine "
+            "needs an ONNX file with FP16 weights"
+        )
+    return trt
+
+
+def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+    """The parsed network (and its parser, which must outlive it) of a one-input ONNX file."""
+    # TRT 11 ignores the flags (always strongly typed); TRT 10 runs weakly typed so that precision flags apply.
+    network = builder.create_network(0)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(os.fspath(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ModelError(f"{onnx_path}: TensorRT cannot parse the ONNX file ({errors[:300]})")
+    if network.num_inputs != 1:
+        raise ModelError(f"{onnx_path}: expected one input tensor, found {network.num_inputs}")
+    return network, parser
+
+
+def _builder_config(trt: Any, builder: Any, precision: str, workspace_mb: int) -> Any:
+    """Workspace limit and, under TensorRT 10, the precision flags (FP16 also for INT8 engines: layers left
+    outside Q/DQ may run in FP16, as YOLOv6's TensorRT deployment does)."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
+    has_precision_flags = hasattr(trt.BuilderFlag, "INT8")
+    if has_precision_flags and precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    if has_precision_flags and precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
+    if precision == "fp32" and hasattr(trt.BuilderFlag, "TF32"):
+        # TF32 is on by default and rounds matmul/conv inputs to 10 mantissa bits: not FP32.
+        config.clear_flag(trt.BuilderFlag.TF32)
+    return config
 
 
 def _add_profiles(
@@ -309,7 +309,7 @@ class TrtRunner:
         """The batch sizes this engine serves (the static batch, or those of its optimization profiles)."""
         if self.input_shape[0] >= 0:
             return [int(self.input_shape[0])]
-        sizes = []
+        sizes: list[int] = []
         for index in range(self.engine.num_optimization_profiles):
             low, _, high = self.engine.get_tensor_profile_shape(self.input_name, index)
             sizes.extend(range(int(low[0]), int(high[0]) + 1))

@@ -34,7 +34,8 @@ class GroundTruthLike(Protocol):
 def build_coco_gt(ground_truths: Sequence[GroundTruthLike], class_names: Sequence[str]) -> COCO:
     """In-memory COCO ground truth: one image per entry, category id = class index, bbox xywh,
     area = w * h, iscrowd 0."""
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for gt in ground_truths:
         images.append({"id": int(gt.image_id), "file_name": str(gt.file_name),
                        "width": int(gt.width), "height": int(gt.height)})

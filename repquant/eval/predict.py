@@ -107,7 +107,8 @@ def scale_to_original(det: Tensor, meta: ImageMetaLike) -> Tensor:
     Subtracts the padding, divides by the resize ratio and clips to the original image. Returns a new
     tensor; score and class columns are unchanged.
     """
-    ratio_h, ratio_w = (meta.ratio, meta.ratio) if np.isscalar(meta.ratio) else meta.ratio
+    ratio = meta.ratio
+    ratio_h, ratio_w = (ratio, ratio) if isinstance(ratio, int | float | np.floating) else ratio
     pad_left, pad_top = meta.pad
     height, width = meta.orig_hw
     out = det.clone()

@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from repquant.models.blocks import CSPSPPF, SPPF, BepC3, BlockFactory, RepBlock, SimCSPSPPF, SimSPPF
+from repquant.models.blocks import BlockFactory
+from repquant.models.layers import CSPSPPF, SPPF, BepC3, RepBlock, SimCSPSPPF, SimSPPF
 
 
 def _pool_layer(channels: int, conv_silu: bool, cspsppf: bool) -> nn.Module:

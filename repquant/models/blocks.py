@@ -11,6 +11,7 @@ Tensors are ``(B, C, H, W)``. BN uses eps 1e-3, momentum 0.03 as YOLOv6 ``initia
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -20,9 +21,30 @@ from repquant.reparam import fuse_conv_bn, identity_kernel, merge_branches, pad_
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.03
-BLOCK_MODES = ("repvgg", "qarepvgg", "repopt", "hyper_search", "conv_silu")
 
 BlockFactory = Callable[[int, int, int], nn.Module]  # (in_channels, out_channels, stride) -> block
+# (in_channels, out_channels, stride, groups) -> block: a block mode's constructor
+BlockMaker = Callable[[int, int, int, int], nn.Module]
+_Maker = TypeVar("_Maker", bound=BlockMaker)
+_BLOCK_MODES: dict[str, BlockMaker] = {}
+
+
+def register_block_mode(name: str) -> Callable[[_Maker], _Maker]:
+    """Decorator: make ``maker(in_channels, out_channels, stride, groups)`` the 3x3 block of ``block_mode``
+    ``name`` (also add the name to ``repquant.vocab.BLOCK_MODES``, the CLI's list)."""
+
+    def add(maker: _Maker) -> _Maker:
+        if name in _BLOCK_MODES:
+            raise ModelError(f"block mode registry: {name!r} is registered twice")
+        _BLOCK_MODES[name] = maker
+        return maker
+
+    return add
+
+
+def block_mode_names() -> tuple[str, ...]:
+    """Registered block modes, in registration order."""
+    return tuple(_BLOCK_MODES)
 
 
 def make_bn(channels: int) -> nn.BatchNorm2d:
@@ -52,7 +74,7 @@ def _new_conv(src: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
         src.in_channels,
         src.out_channels,
         k,
-        src.stride,
+        src.stride,  # type: ignore[arg-type]  # Conv2d stores the tuple it was given
         k // 2,
         groups=src.groups,
         bias=True,
@@ -60,6 +82,7 @@ def _new_conv(src: nn.Conv2d, kernel: Tensor, bias: Tensor) -> nn.Conv2d:
         dtype=kernel.dtype,
     ).to_empty(device=kernel.device)
     conv.weight.copy_(kernel)
+    assert conv.bias is not None  # built with bias=True
     conv.bias.copy_(bias)
     return conv
 
@@ -155,6 +178,7 @@ class _RepStyleBlock(nn.Module):
             delattr(self, name)
 
 
+@register_block_mode("repvgg")
 class RepVGGBlock(_RepStyleBlock):
     """ReLU(BN(conv3x3(x)) + BN(conv1x1(x)) + BN(x)); the identity branch only when in == out, stride 1."""
 
@@ -184,6 +208,7 @@ class RepVGGBlock(_RepStyleBlock):
         return merge_branches(branches)
 
 
+@register_block_mode("qarepvgg")
 class QARepVGGBlock(_RepStyleBlock):
     """Quantization-aware RepVGG (Chu et al. 2022, arXiv 2212.01593; YOLOv6 v3 ``QARepVGGBlock``).
 
@@ -214,6 +239,7 @@ class QARepVGGBlock(_RepStyleBlock):
         return _bn_fold(kernel, bias, self.bn)
 
 
+@register_block_mode("repopt")
 class RealVGGBlock(_RepStyleBlock):
     """ReLU(BN(conv3x3(x))): the plain block trained by RepOptimizer (Ding et al. 2022, 2205.15242)."""
 
@@ -242,6 +268,7 @@ class ScaleLayer(nn.Module):
         return x * self.weight.view(1, -1, 1, 1)
 
 
+@register_block_mode("hyper_search")
 class LinearAddBlock(_RepStyleBlock):
     """RepOpt hyper-search block: ReLU(BN(s_conv*conv3x3(x) + s_1x1*conv1x1(x) [+ s_id*x])).
 
@@ -288,170 +315,19 @@ class LinearAddBlock(_RepStyleBlock):
         return _bn_fold(kernel, bias, self.bn)
 
 
+@register_block_mode("conv_silu")
+def conv_silu_block(in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> nn.Module:
+    """The plain Conv+BN+SiLU 3x3 block of YOLOv6-L (official ``training_mode conv_silu``)."""
+    return ConvBNAct(in_channels, out_channels, 3, stride, groups, act="silu")
+
+
 def block_factory(block_mode: str, groups: int = 1) -> BlockFactory:
-    """The 3x3 building block for ``block_mode`` (YOLOv6 ``get_block(training_mode)``).
+    """The 3x3 building block for ``block_mode`` (YOLOv6 ``get_block(training_mode)``)."""
+    if block_mode not in _BLOCK_MODES:
+        raise ModelError(f"block_mode {block_mode!r}: expected one of {', '.join(_BLOCK_MODES)}")
+    maker = _BLOCK_MODES[block_mode]
 
-    ``conv_silu`` is the plain Conv+BN+SiLU used by YOLOv6-L ("training_mode conv_silu").
-    """
-    classes: dict[str, type[_RepStyleBlock]] = {
-        "repvgg": RepVGGBlock,
-        "qarepvgg": QARepVGGBlock,
-        "repopt": RealVGGBlock,
-        "hyper_search": LinearAddBlock,
-    }
-    if block_mode == "conv_silu":
-        return lambda cin, cout, stride=1: ConvBNAct(cin, cout, 3, stride, groups, act="silu")
-    if block_mode not in classes:
-        raise ModelError(f"block_mode {block_mode!r}: expected one of {', '.join(BLOCK_MODES)}")
-    cls = classes[block_mode]
-    return lambda cin, cout, stride=1: cls(cin, cout, stride, groups)
+    def make(in_channels: int, out_channels: int, stride: int = 1) -> nn.Module:
+        return maker(in_channels, out_channels, stride, groups)
 
-
-class BottleRep(nn.Module):
-    """Two basic blocks with an (optionally learnable-weight) residual: ``conv2(conv1(x)) + alpha * x``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, block: BlockFactory, weight: bool = False
-    ) -> None:
-        super().__init__()
-        self.conv1 = block(in_channels, out_channels, 1)
-        self.conv2 = block(out_channels, out_channels, 1)
-        self.shortcut = in_channels == out_channels
-        # YOLOv6 keeps a learnable scalar alpha in the deployed model too (one parameter per block).
-        self.alpha = nn.Parameter(torch.ones(1)) if weight else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.conv1(x))
-        if not self.shortcut:
-            return out
-        return out + (x if self.alpha is None else self.alpha * x)
-
-
-class RepBlock(nn.Module):
-    """A stage of ``n`` blocks; with ``bottle=True``, of ``n // 2`` weighted BottleReps (CSPStackRep)."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, n: int, block: BlockFactory, bottle: bool = False
-    ) -> None:
-        super().__init__()
-        if bottle:
-            n = max(n // 2, 1)
-
-            def make(cin: int, cout: int) -> nn.Module:
-                return BottleRep(cin, cout, block, weight=True)
-        else:
-
-            def make(cin: int, cout: int) -> nn.Module:
-                return block(cin, cout, 1)
-
-        self.conv1 = make(in_channels, out_channels)
-        self.block = (
-            nn.Sequential(*(make(out_channels, out_channels) for _ in range(n - 1))) if n > 1 else None
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
-        return x if self.block is None else self.block(x)
-
-
-class BepC3(nn.Module):
-    """CSPStackRep: ``cv3(cat(m(cv1(x)), cv2(x)))`` with hidden width ``int(out_channels * e)``."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, n: int, e: float, block: BlockFactory, act: str = "relu"
-    ) -> None:
-        super().__init__()
-        hidden = int(out_channels * e)
-        self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act)
-        self.cv2 = ConvBNAct(in_channels, hidden, 1, 1, act=act)
-        self.cv3 = ConvBNAct(2 * hidden, out_channels, 1, 1, act=act)
-        self.m = RepBlock(hidden, hidden, n, block, bottle=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.cv3(torch.cat((self.m(self.cv1(x)), self.cv2(x)), dim=1))
-
-
-class Transpose(nn.Module):
-    """2x upsampling by ConvTranspose2d(k=2, s=2) with bias, as YOLOv6 (not nearest interpolation)."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.upsample_transpose = nn.ConvTranspose2d(in_channels, out_channels, 2, 2, bias=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.upsample_transpose(x)
-
-
-class BiFusion(nn.Module):
-    """BiC (YOLOv6 v3 Sec. 2.1): fuse the upsampled top feature with this level and the level below.
-
-    ``forward([top, current, below])``: ``top`` has ``out_channels`` channels at half resolution,
-    ``current`` has ``in_channels[0]``, ``below`` has ``in_channels[1]`` at twice the resolution.
-    """
-
-    def __init__(self, in_channels: tuple[int, int], out_channels: int) -> None:
-        super().__init__()
-        self.cv1 = ConvBNAct(in_channels[0], out_channels, 1, 1)
-        self.cv2 = ConvBNAct(in_channels[1], out_channels, 1, 1)
-        self.cv3 = ConvBNAct(out_channels * 3, out_channels, 1, 1)
-        self.upsample = Transpose(out_channels, out_channels)
-        self.downsample = ConvBNAct(out_channels, out_channels, 3, 2)
-
-    def forward(self, x: list[Tensor]) -> Tensor:
-        top = self.upsample(x[0])
-        current = self.cv1(x[1])
-        below = self.downsample(self.cv2(x[2]))
-        return self.cv3(torch.cat((top, current, below), dim=1))
-
-
-class SPPF(nn.Module):
-    """Spatial pyramid pooling, fast: three chained max-pools (SPPF with SiLU, SimSPPF with ReLU)."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, act: str = "silu") -> None:
-        super().__init__()
-        hidden = in_channels // 2
-        self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act)
-        self.cv2 = ConvBNAct(hidden * 4, out_channels, 1, 1, act=act)
-        self.m = nn.MaxPool2d(kernel_size, 1, kernel_size // 2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.cv1(x)
-        y1 = self.m(x)
-        y2 = self.m(y1)
-        return self.cv2(torch.cat((x, y1, y2, self.m(y2)), dim=1))
-
-
-class SimSPPF(SPPF):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, act="relu")
-
-
-class CSPSPPF(nn.Module):
-    """CSP version of SPPF (YOLOv6 v3): pooled path cv1-cv3-cv4-pool-cv5-cv6, bypass cv2, merge cv7."""
-
-    def __init__(
-        self, in_channels: int, out_channels: int, kernel_size: int = 5, e: float = 0.5, act: str = "silu"
-    ) -> None:
-        super().__init__()
-        hidden = int(out_channels * e)
-        self.cv1 = ConvBNAct(in_channels, hidden, 1, 1, act=act)
-        self.cv2 = ConvBNAct(in_channels, hidden, 1, 1, act=act)
-        self.cv3 = ConvBNAct(hidden, hidden, 3, 1, act=act)
-        self.cv4 = ConvBNAct(hidden, hidden, 1, 1, act=act)
-        self.m = nn.MaxPool2d(kernel_size, 1, kernel_size // 2)
-        self.cv5 = ConvBNAct(4 * hidden, hidden, 1, 1, act=act)
-        self.cv6 = ConvBNAct(hidden, hidden, 3, 1, act=act)
-        self.cv7 = ConvBNAct(2 * hidden, out_channels, 1, 1, act=act)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x1 = self.cv4(self.cv3(self.cv1(x)))
-        y0 = self.cv2(x)
-        y1 = self.m(x1)
-        y2 = self.m(y1)
-        y3 = self.cv6(self.cv5(torch.cat((x1, y1, y2, self.m(y2)), dim=1)))
-        return self.cv7(torch.cat((y0, y3), dim=1))
-
-
-class SimCSPSPPF(CSPSPPF):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 5, e: float = 0.5) -> None:
-        super().__init__(in_channels, out_channels, kernel_size, e, act="relu")
+    return make

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -37,12 +38,10 @@ class EffiDeHead(nn.Module):
     @torch.no_grad()
     def initialize_biases(self) -> None:
         """YOLOv6 init: zero pred weights, cls bias at prior 0.01, reg bias 1."""
-        for conv in self.cls_preds:
+        convs: list[Any] = [*self.cls_preds, *self.reg_preds]
+        for i, conv in enumerate(convs):
             conv.weight.zero_()
-            conv.bias.fill_(-math.log((1 - PRIOR_PROB) / PRIOR_PROB))
-        for conv in self.reg_preds:
-            conv.weight.zero_()
-            conv.bias.fill_(1.0)
+            conv.bias.fill_(-math.log((1 - PRIOR_PROB) / PRIOR_PROB) if i < len(self.cls_preds) else 1.0)
 
     def forward(self, features: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
         """Neck outputs ``(P3, P4, P5)`` -> ``(cls_logits (B, A, nc), reg_dist (B, A, 4*(R+1)))``."""
@@ -89,6 +88,7 @@ class DFLProjection(nn.Module):
     def __init__(self, reg_max: int) -> None:
         super().__init__()
         self.reg_max = reg_max
+        self.proj: Tensor
         self.register_buffer("proj", torch.arange(reg_max + 1, dtype=torch.float32), persistent=False)
 
     def forward(self, reg_dist: Tensor) -> Tensor:
@@ -123,7 +123,7 @@ class DecodedDetector(nn.Module):
 
     def __init__(self, model: nn.Module, img_hw: tuple[int, int]) -> None:
         super().__init__()
-        config = model.config
+        config: Any = model.config
         strides = tuple(config.strides)
         if img_hw[0] % max(strides) or img_hw[1] % max(strides):
             raise ModelError(f"DecodedDetector: img_hw {tuple(img_hw)} must be multiples of {max(strides)}")
@@ -132,6 +132,8 @@ class DecodedDetector(nn.Module):
         self.reg_max = config.reg_max
         self.dfl_proj = DFLProjection(self.reg_max) if self.reg_max > 0 else None
         anchor_points, stride_tensor = make_anchors(self.img_hw, strides)
+        self.anchor_points: Tensor
+        self.stride_tensor: Tensor
         self.register_buffer("anchor_points", anchor_points, persistent=False)
         self.register_buffer("stride_tensor", stride_tensor, persistent=False)
 

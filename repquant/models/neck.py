@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from repquant.models.blocks import BepC3, BiFusion, BlockFactory, ConvBNAct, RepBlock, Transpose
+from repquant.models.blocks import BlockFactory, ConvBNAct
+from repquant.models.layers import BepC3, BiFusion, RepBlock, Transpose
 
 
 def _stage_factory(block: BlockFactory, csp_e: float | None, conv_silu: bool):

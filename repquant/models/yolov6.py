@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from repquant.errors import ModelError
 from repquant.models import backbone as backbones
 from repquant.models import neck as necks
-from repquant.models.blocks import BLOCK_MODES, block_factory
+from repquant.models.blocks import block_factory, block_mode_names
 from repquant.models.head import EffiDeHead
 from repquant.models.registry import get_config, register
 
@@ -62,8 +62,8 @@ class ModelConfig:
             problems.append(f"num_classes must be >= 1, got {self.num_classes}")
         if self.reg_max < 0:
             problems.append(f"reg_max must be >= 0, got {self.reg_max}")
-        if self.block_mode not in BLOCK_MODES:
-            problems.append(f"block_mode {self.block_mode!r} not in {', '.join(BLOCK_MODES)}")
+        if self.block_mode not in block_mode_names():
+            problems.append(f"block_mode {self.block_mode!r} not in {', '.join(block_mode_names())}")
         if self.backbone not in _BACKBONES or self.neck not in _NECKS:
             problems.append(f"unknown backbone/neck {self.backbone}/{self.neck}")
         if ("CSP" in self.backbone or "CSP" in self.neck) and self.csp_e is None:
@@ -99,15 +99,15 @@ class ModelConfig:
         unknown = sorted(set(data) - fields)
         if unknown:
             raise ModelError(f"model config: unknown keys {', '.join(unknown)}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         try:
             return cls(**values)
         except TypeError as err:
             raise ModelError(f"model config: {err}") from None
 
 
-_V3 = dict(version="v3.0", fuse_p2=True)
-_V2 = dict(version="v2.0")
+_V3: dict[str, Any] = {"version": "v3.0", "fuse_p2": True}
+_V2: dict[str, Any] = {"version": "v2.0"}
 YOLOV6N = register(
     ModelConfig(
         "yolov6n",
@@ -224,6 +224,7 @@ class YOLOv6(nn.Module):
         conv_silu = config.block_mode == "conv_silu"
         common = dict(fuse_p2=config.fuse_p2, cspsppf=config.cspsppf, conv_silu=conv_silu)
         if config.backbone == "CSPBepBackbone":
+            assert config.csp_e is not None  # checked by ModelConfig
             self.backbone: nn.Module = backbones.CSPBepBackbone(ch, n, block, config.csp_e, **common)
         else:
             self.backbone = backbones.EfficientRep(ch, n, block, **common)

@@ -61,7 +61,7 @@ def is_quantizer(module: nn.Module) -> bool:
     return isinstance(module, _tensor_quantizer_cls())
 
 
-def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """``(fqn, TensorQuantizer)`` for every quantizer in ``model``, in module order."""
     cls = _tensor_quantizer_cls()
     for name, module in model.named_modules():
@@ -75,7 +75,7 @@ def quantize_modules(model: nn.Module, quant_cfg: list[dict[str, Any]]) -> nn.Mo
     return mtq.quantize(model, {"quant_cfg": quant_cfg, "algorithm": None})
 
 
-def set_histogram_calibrator(quantizer: nn.Module, num_bins: int = 2048) -> None:
+def set_histogram_calibrator(quantizer: Any, num_bins: int = 2048) -> None:
     """Give a per-tensor quantizer a fresh histogram calibrator (for percentile / entropy / mse).
 
     modelopt's entropy search is an O(num_bins^2) Python loop per quantizer (seconds each at 2048).
@@ -88,7 +88,7 @@ def set_histogram_calibrator(quantizer: nn.Module, num_bins: int = 2048) -> None
     )
 
 
-def set_max_calibrator(quantizer: nn.Module) -> None:
+def set_max_calibrator(quantizer: Any) -> None:
     """Give a quantizer a fresh max calibrator with its own axis (undoes ``set_histogram_calibrator``)."""
     _mtq()
     from modelopt.torch.quantization.calib import MaxCalibrator
@@ -136,7 +136,7 @@ def calibrate_collect(
     model.train(was_training)
 
 
-def quantizer_info(quantizer: nn.Module) -> dict[str, Any]:
+def quantizer_info(quantizer: Any) -> dict[str, Any]:
     """Plain-data view of one quantizer: enabled, num_bits, axis, amax, calibrator, unsigned."""
     amax = quantizer.amax if hasattr(quantizer, "_amax") else None
     return {
@@ -149,7 +149,7 @@ def quantizer_info(quantizer: nn.Module) -> dict[str, Any]:
     }
 
 
-def set_amax(quantizer: nn.Module, amax: torch.Tensor) -> None:
+def set_amax(quantizer: Any, amax: torch.Tensor) -> None:
     """Overwrite a calibrated quantizer's amax (same shape)."""
     quantizer.amax = amax
 

@@ -32,10 +32,10 @@ import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.conv import _ConvNd
 
 from repquant.errors import RepquantError
 from repquant.io import atomic_write_text
@@ -177,8 +177,8 @@ def weight_int8_snr_db(module: nn.modules.conv._ConvNd) -> float:
     return snr_db(w.numpy().ravel(), q.numpy().ravel())
 
 
-def _conv_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, nn.Module]]:
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.modules.conv._ConvNd)]
+def _conv_layers(model: nn.Module, layers: Sequence[str] | None) -> list[tuple[str, _ConvNd]]:
+    convs: list[tuple[str, _ConvNd]] = [(n, m) for n, m in model.named_modules() if isinstance(m, _ConvNd)]
     if layers is None:
         return convs
     by_name = dict(convs)
@@ -272,24 +272,3 @@ def write_stats(path_json: str | os.PathLike, path_md: str | os.PathLike,
                      f"{s.act_kurtosis:.3g} |")
     notes = [f"- {k}: {v}" for k, v in definitions.items()]
     atomic_write_text(path_md, "\n".join(lines + [""] + notes) + "\n")
-
-
-def act_stats_command(model_spec: str, data_yaml: str | os.PathLike, split: str, num_images: int,
-                      img_size: int, output_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """``repquant act-stats``: statistics of the deployed model on the first ``num_images`` letterboxed
-    images of ``split`` (no augmentation); writes ``act_stats.json`` and ``act_stats.md``."""
-    from torch.utils.data import DataLoader, Subset
-
-    from repquant.checkpoint import resolve_model
-    from repquant.data import DetectionDataset, load_data_config
-    from repquant.reparam import reparameterize
-
-    model = reparameterize(resolve_model(model_spec).float().eval())
-    dataset = DetectionDataset(load_data_config(data_yaml), split, img_size=img_size, augment=False)
-    subset = Subset(dataset, range(min(num_images, len(dataset))))
-    loader = DataLoader(subset, batch_size=8, shuffle=False, collate_fn=dataset.collate_fn)
-    stats = activation_stats(model, loader)
-    out = Path(output_dir)
-    json_path, md_path = out / "act_stats.json", out / "act_stats.md"
-    write_stats(json_path, md_path, stats)
-    return json_path, md_path

@@ -6,9 +6,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -16,10 +16,11 @@ from torch import nn
 
 from repquant.errors import CalibrationError, ModelError
 from repquant.quant import _modelopt
-from repquant.quant.config import CALIB_METHODS, QuantConfig
+from repquant.quant.calibrators import CalibrationOptions, ForwardLoop, get_calibrator
+from repquant.quant.config import QuantConfig
 from repquant.quant.placement import QuantPlacement, residual_skip, skip_quantizer_name, trace
 
-ForwardLoop = Callable[[nn.Module], Any]
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,7 @@ def _wanted_quantizers(placement: QuantPlacement, config: QuantConfig) -> set[st
     return names
 
 
-def insert_quantizers(model: nn.Module, placement: QuantPlacement, config: QuantConfig) -> nn.Module:
+def insert_quantizers(model: _M, placement: QuantPlacement, config: QuantConfig) -> _M:
     """Insert (uncalibrated) fake-quant quantizers as ``placement`` says; keep-float layers disabled.
 
     In place; returns ``model``. Conv / ConvTranspose / MaxPool modules become modelopt quantized
@@ -142,28 +143,17 @@ def calibrate(
 ) -> nn.Module:
     """Calibrate every enabled quantizer with ``forward_loop(model)`` (runs under no_grad, eval mode).
 
-    ``method``: ``max`` (modelopt max calibration) or a histogram method for per-tensor quantizers
-    (``percentile`` at ``percentile`` %, ``entropy``, ``mse``; weights per channel use max) over a
-    ``num_bins`` histogram of |x| (2048 as TensorRT; entropy costs O(num_bins^2) per quantizer).
-    Then every group in ``shared_groups`` gets one scale: the largest amax of its enabled members.
+    ``method``: a registered calibrator (``repquant.quant.calibrators``: ``max``, or the histogram methods
+    ``percentile`` at ``percentile`` %, ``entropy``, ``mse`` over a ``num_bins`` histogram of |x|; weights
+    per channel always use max). Then every group in ``shared_groups`` gets one scale: the largest amax of
+    its enabled members.
     """
-    if method not in CALIB_METHODS:
-        raise CalibrationError(f"calibrate: method {method!r} is not one of {list(CALIB_METHODS)}")
-    quantizers = dict(_modelopt.iter_quantizers(model))
-    if not quantizers:
+    calibrator = get_calibrator(method)
+    if not any(True for _ in _modelopt.iter_quantizers(model)):
         raise CalibrationError(
             f"calibrate: {type(model).__name__} has no quantizers; call insert_quantizers first"
         )
-    for q in quantizers.values():
-        info = _modelopt.quantizer_info(q)
-        if method != "max" and info["axis"] is None and info["enabled"]:
-            _modelopt.set_histogram_calibrator(q, num_bins)
-        elif info["calibrator"] == "HistogramCalibrator":
-            _modelopt.set_max_calibrator(q)
-    if method == "max":
-        _modelopt.calibrate_max(model, forward_loop)
-    else:
-        _modelopt.calibrate_collect(model, forward_loop, method, percentile)
+    calibrator.calibrate(model, forward_loop, CalibrationOptions(percentile=percentile, num_bins=num_bins))
     unify_shared_scales(model, shared_groups)
     return model
 

@@ -5,19 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from repquant.errors import RecipeError
-
-CALIB_METHODS = ("max", "percentile", "entropy", "mse")
-# tensorrt: inputs + weights quantized; ort: also every quantized conv's output (ONNX Runtime QLinearConv).
-LAYOUTS = ("tensorrt", "ort")
+from repquant.quant.calibrators import calibrator_names
 
 
 @dataclass(frozen=True)
 class QuantConfig:
     """INT8 post-training quantization settings.
 
-    ``calib_method``: ``max`` (running absolute max), or a histogram method over activations:
-    ``percentile`` (at ``percentile`` %), ``entropy`` (KL), ``mse``. Weights are always calibrated
-    per output channel with max. ``keep_float_layers``: layer FQNs (or quantizer FQNs) left in float.
+    ``calib_method``: a registered calibrator (``repquant.quant.calibrators``): ``max`` (running absolute
+    max), or a histogram method over activations: ``percentile`` (at ``percentile`` %), ``entropy`` (KL),
+    ``mse``. Weights are always calibrated per output channel with max.
+    ``keep_float_layers``: layer FQNs (or quantizer FQNs) left in float.
     ``quantize_conv_outputs``: also quantize every quantized conv's output; TensorRT does not want
     this (it fuses the next layer's input Q/DQ), but ONNX Runtime's CPU QDQ fusion needs
     DQ -> Conv -> Q to run an integer ``QLinearConv``.
@@ -31,9 +29,9 @@ class QuantConfig:
     quantize_conv_outputs: bool = False
 
     def __post_init__(self) -> None:
-        if self.calib_method not in CALIB_METHODS:
+        if self.calib_method not in calibrator_names():
             raise RecipeError(
-                f"quant.calib_method: {self.calib_method!r} is not one of {list(CALIB_METHODS)}"
+                f"quant.calib_method: {self.calib_method!r} is not one of {list(calibrator_names())}"
             )
         if self.num_bits != 8:
             raise RecipeError(f"quant.num_bits: only 8-bit INT8 is supported, got {self.num_bits}")

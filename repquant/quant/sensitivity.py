@@ -23,11 +23,10 @@ from __future__ import annotations
 import copy
 import functools
 import math
-import operator
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.fx as fx
@@ -39,32 +38,38 @@ from repquant.errors import CalibrationError
 from repquant.quant import _modelopt
 from repquant.quant.calibrate import calibrate, insert_quantizers
 from repquant.quant.config import QuantConfig
-from repquant.quant.metrics import ErrorAccumulator
-from repquant.quant.placement import QuantPlacement, find_placement, residual_skip, skip_quantizer_name, trace
+from repquant.quant.graph_runner import GraphRunner, Substitute, function_of
+from repquant.quant.metrics import ErrorAccumulator, TorchErrorAccumulator, get_metric, metric_names, metric_values
+from repquant.quant.placement import QuantPlacement, find_placement, residual_skip, skip_quantizer_name
+from repquant.vocab import MODES
 
-MODES = ("isolated", "accumulated", "local")
-METRICS = ("mse", "snr_db", "cosine")
-# Most sensitive first: large MSE, low SNR, low cosine.
-DESCENDING = {"mse": True, "snr_db": False, "cosine": False}
-
-Substitute = Callable[[tuple[Any, ...], dict[str, Any]], Any]
+_M = TypeVar("_M", bound=nn.Module)
 
 
 @dataclass(frozen=True)
 class ModeStats:
-    """Pooled error of one layer in one mode; ``signal_power = mean(y^2)`` so that
+    """Pooled error of one layer in one mode: ``values[metric]`` for every registered metric (also
+    readable as attributes, ``stats.snr_db``); ``signal_power = mean(y^2)``, so that
     ``snr_db == 10 log10(signal_power / mse)``."""
 
-    mse: float
-    snr_db: float
-    cosine: float
+    values: dict[str, float]
     signal_power: float
     num_elements: int
 
+    def __getattr__(self, name: str) -> float:
+        values = self.__dict__.get("values", {})
+        if name in values:
+            return values[name]
+        raise AttributeError(f"ModeStats has no metric {name!r}")
+
     @classmethod
     def from_accumulator(cls, acc: ErrorAccumulator) -> ModeStats:
-        s = acc.result()
-        return cls(s.mse, s.snr_db, s.cosine, acc.sum_sq_ref / acc.count, s.num_elements)
+        sums = acc.sums()
+        return cls(metric_values(sums), sums.sum_sq_ref / sums.count, sums.count)
+
+    @classmethod
+    def unmeasured(cls) -> ModeStats:
+        return cls(dict.fromkeys(metric_names(), math.nan), math.nan, 0)
 
 
 @dataclass(frozen=True)
@@ -101,106 +106,6 @@ class SensitivityResult:
         return next(ly for ly in self.layers if ly.name == name)
 
 
-class _TorchAccumulator(ErrorAccumulator):
-    """``ErrorAccumulator`` whose sums run in torch on the tensors' device (same pooled definitions).
-
-    numpy's float64 path (copy, then four dot products) took ~70 % of a yolov6s@640 sweep; torch's
-    float32 ``sum`` uses cascade summation, accurate to ~1e-7 relative over millions of elements.
-    """
-
-    def update(self, ref: Tensor, q: Tensor) -> None:  # type: ignore[override]
-        r = ref.detach().reshape(-1).float()
-        y = q.detach().reshape(-1).float()
-        d = y - r
-        self.sum_sq_err += float(torch.sum(d * d))
-        self.sum_sq_ref += float(torch.sum(r * r))
-        self.sum_sq_q += float(torch.sum(y * y))
-        self.dot += float(torch.sum(r * y))
-        self.count += r.numel()
-
-
-# --- graph execution -------------------------------------------------------------------------------
-
-
-class _GraphRunner:
-    """Runs a traced model node by node, with module/function substitutes and a value cache."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.graph = trace(model)
-        self.nodes = list(self.graph.nodes)
-        self.order = {n: i for i, n in enumerate(self.nodes)}
-        self.modules = {name: _out_of_place(m) for name, m in model.named_modules()}
-        self.output = next(n for n in self.nodes if n.op == "output")
-
-    def descendants(self, roots: Iterable[fx.Node]) -> list[fx.Node]:
-        """``roots`` and every node reading them, in execution order (incl. the output node)."""
-        seen: set[fx.Node] = set()
-        stack = list(roots)
-        while stack:
-            n = stack.pop()
-            if n not in seen:
-                seen.add(n)
-                stack.extend(n.users)
-        return sorted(seen, key=self.order.__getitem__)
-
-    def _attr(self, target: str) -> Any:
-        return functools.reduce(getattr, target.split("."), self.model)
-
-    def run(self, x: Tensor, subs: dict[fx.Node, Substitute], nodes: Sequence[fx.Node] | None = None,
-            cache: dict[fx.Node, Any] | None = None) -> dict[fx.Node, Any]:
-        """Values of ``nodes`` (default: all); inputs outside ``nodes`` are read from ``cache``.
-
-        The output node's value is the tuple/tensor the model returns.
-        """
-        env: dict[fx.Node, Any] = {}
-
-        def lookup(n: fx.Node) -> Any:
-            return env[n] if n in env else cache[n]  # type: ignore[index]
-
-        for node in self.nodes if nodes is None else nodes:
-            args = fx.node.map_arg(node.args, lookup)
-            kwargs = fx.node.map_arg(node.kwargs, lookup)
-            if node in subs:
-                env[node] = subs[node](args, kwargs)
-            elif node.op == "placeholder":
-                env[node] = x
-            elif node.op == "get_attr":
-                env[node] = self._attr(str(node.target))
-            elif node.op == "call_module":
-                env[node] = self.modules[str(node.target)](*args, **kwargs)
-            elif node.op == "call_function":
-                env[node] = _function(node.target)(*args, **_no_inplace(kwargs))
-            elif node.op == "call_method":
-                method = str(node.target)
-                method = method[:-1] if method.endswith("_") and not method.endswith("__") else method
-                env[node] = getattr(args[0], method)(*args[1:], **_no_inplace(kwargs))
-            elif node.op == "output":
-                env[node] = args[0]
-        return env
-
-
-# Cached values must stay what the node produced: an in-place activation (``SiLU(inplace=True)``)
-# would overwrite the conv output the cache holds, so every op runs out of place.
-_OUT_OF_PLACE = {operator.iadd: operator.add, operator.imul: operator.mul, operator.isub: operator.sub,
-                 operator.itruediv: operator.truediv}
-
-
-def _function(target: Any) -> Any:
-    return _OUT_OF_PLACE.get(target, target)
-
-
-def _no_inplace(kwargs: dict[str, Any]) -> dict[str, Any]:
-    return {**kwargs, "inplace": False} if kwargs.get("inplace") else kwargs
-
-
-def _out_of_place(module: nn.Module) -> nn.Module:
-    if getattr(module, "inplace", False) is True:
-        module = copy.copy(module)  # shallow: shares parameters, only the flag differs
-        module.inplace = False
-    return module
-
-
 def _owner(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
     return str(list(stack.values())[-1][0]) if stack else ""
@@ -215,12 +120,12 @@ def _skip_sub(node: fx.Node, skip: fx.Node, quantizer: nn.Module) -> Substitute:
 
     def sub(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         args = tuple(quantizer(a) if i == index else a for i, a in enumerate(args))
-        return _function(node.target)(*args, **kwargs)
+        return function_of(node.target)(*args, **kwargs)
 
     return sub
 
 
-def _layer_nodes(runner: _GraphRunner, placement: QuantPlacement, qmodel: nn.Module
+def _layer_nodes(runner: GraphRunner, placement: QuantPlacement, qmodel: nn.Module
                  ) -> dict[str, dict[fx.Node, Substitute]]:
     """Layer FQN -> {graph node computing it: its quantized substitute} (several for a reused pool)."""
     kinds = {ly.name: ly.kind for ly in placement.layers}
@@ -243,8 +148,7 @@ def _layer_nodes(runner: _GraphRunner, placement: QuantPlacement, qmodel: nn.Mod
 # --- quantized copy --------------------------------------------------------------------------------
 
 
-def quantized_copy(model: nn.Module, calib_batches: Sequence[Tensor], config: QuantConfig
-                   ) -> tuple[nn.Module, QuantPlacement]:
+def quantized_copy(model: _M, calib_batches: Sequence[Tensor], config: QuantConfig) -> tuple[_M, QuantPlacement]:
     """A calibrated fake-quant deep copy of the float (deployed) ``model``, and its placement."""
     if not calib_batches:
         raise CalibrationError(f"{type(model).__name__}: no calibration batches given")
@@ -293,14 +197,14 @@ class _Sweep:
 
     def __init__(self, model: nn.Module, qmodel: nn.Module, placement: QuantPlacement,
                  modes: tuple[str, ...]) -> None:
-        self.runner = _GraphRunner(model)
+        self.runner = GraphRunner(model)
         self.qmodel, self.placement, self.modes = qmodel, placement, modes
         self.layer_nodes = _layer_nodes(self.runner, placement, qmodel)
         self.all_subs = {n: s for subs in self.layer_nodes.values() for n, s in subs.items()}
         self.suffix = {k: self.runner.descendants(subs) for k, subs in self.layer_nodes.items()}
-        self.acc = {(k, m): _TorchAccumulator() for k in self.layer_nodes for m in modes}
-        self.extra_acc = {k: _TorchAccumulator() for k in self.layer_nodes}
-        self.output_acc = _TorchAccumulator()
+        self.acc = {(k, m): TorchErrorAccumulator() for k in self.layer_nodes for m in modes}
+        self.extra_acc = {k: TorchErrorAccumulator() for k in self.layer_nodes}
+        self.output_acc = TorchErrorAccumulator()
         self.timings = dict.fromkeys(("float", *modes), 0.0)
 
     def _timed(self, key: str, fn: Callable[[], Any]) -> Any:
@@ -310,16 +214,16 @@ class _Sweep:
         return out
 
     def step(self, x: Tensor, isolated: bool) -> None:
-        ref = self._timed("float", lambda: self.runner.run(x, {}))
+        ref: dict[fx.Node, Any] = self._timed("float", functools.partial(self.runner.run, x, {}))
         ref_out = _outputs(ref[self.runner.output])
         if "accumulated" in self.modes:
-            self._timed("accumulated", lambda: self._accumulated(x, ref, ref_out))
+            self._timed("accumulated", functools.partial(self._accumulated, x, ref, ref_out))
         for name, subs in self.layer_nodes.items():
             if isolated and "isolated" in self.modes:
-                self._timed("isolated", lambda n=name, s=subs: self._isolated(x, n, s, ref, ref_out))
+                self._timed("isolated", functools.partial(self._isolated, x, name, subs, ref, ref_out))
             if "local" in self.modes:
-                self._timed("local", lambda n=name, s=subs: self._local(x, n, s, ref))
-                self._timed("local", lambda n=name, s=subs: self._input_error(n, s, ref))
+                self._timed("local", functools.partial(self._local, x, name, subs, ref))
+                self._timed("local", functools.partial(self._input_error, name, subs, ref))
 
     def _accumulated(self, x: Tensor, ref: dict[fx.Node, Any], ref_out: list[Tensor]) -> None:
         env = self.runner.run(x, self.all_subs)
@@ -344,11 +248,13 @@ class _Sweep:
     def _input_error(self, name: str, subs: dict[fx.Node, Substitute], ref: dict[fx.Node, Any]) -> None:
         """Q(x) vs x for the layer's activation quantizer (input, or residual skip) on float data."""
         for node in subs:
+            quantizer: Any
             if node.op == "call_module":
                 quantizer = getattr(self.qmodel.get_submodule(str(node.target)), "input_quantizer", None)
-                tensor = ref[node.args[0]]
+                tensor = ref[node.args[0]]  # type: ignore[index]  # a module's input is a node
             else:
                 skip = residual_skip(node)
+                assert skip is not None  # the layer's add nodes all have a residual skip
                 index = sum(1 for n in subs if self.runner.order[n] < self.runner.order[node])
                 quantizer = self.qmodel.get_submodule(f"{name}.{skip_quantizer_name(index)}")
                 tensor = ref[skip]
@@ -356,18 +262,18 @@ class _Sweep:
                 self.extra_acc[name].update(tensor, quantizer(tensor))
 
     def weight_snr_db(self, name: str) -> float | None:
-        module = self.qmodel.get_submodule(name)
+        module: Any = self.qmodel.get_submodule(name)
         quantizer = getattr(module, "weight_quantizer", None)
         if quantizer is None or not quantizer.is_enabled:
             return None
-        acc = _TorchAccumulator()
+        acc = TorchErrorAccumulator()
         acc.update(module.weight, quantizer(module.weight))
         return acc.result().snr_db
 
 
 def rank_layers(layers: Sequence[LayerSensitivity], mode: str, metric: str) -> list[str]:
     """Layer names most sensitive first (MSE descending, SNR and cosine ascending; ties by name)."""
-    sign = -1.0 if DESCENDING[metric] else 1.0
+    sign = 1.0 if get_metric(metric).higher_is_better else -1.0  # worst value first
     return [ly.name for ly in sorted(layers, key=lambda ly: (sign * getattr(ly.modes[mode], metric), ly.name))]
 
 
@@ -410,9 +316,9 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
         )
         for ly in placement.layers
     )
-    rankings = {m: {k: rank_layers(layers, m, k) for k in METRICS} for m in modes}
+    rankings = {m: {k: rank_layers(layers, m, k) for k in metric_names()} for m in modes}
     output_error = (ModeStats.from_accumulator(sweep.output_acc) if "accumulated" in modes
-                    else ModeStats(math.nan, math.nan, math.nan, math.nan, 0))
+                    else ModeStats.unmeasured())
     timings = {"calibrate": calib_time, **sweep.timings}
     return SensitivityResult(layers, modes, rankings, output_error, seen, iso_seen if "isolated" in modes else 0,
                              config, time.perf_counter() - start, timings)

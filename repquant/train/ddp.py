@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import random
+import typing
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,7 +93,7 @@ def seed_worker(worker_id: int) -> None:
 def rng_state() -> dict:
     """RNG states as tensors and plain values (loadable with ``torch.load(weights_only=True)``)."""
     version, keys, gauss = random.getstate()
-    np_state = np.random.get_state()
+    np_state: typing.Any = np.random.get_state()
     state = {
         "python": {"version": version, "keys": list(keys), "gauss": gauss},
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     import yaml
 
     from repquant.train.config import load_train_config
-    from repquant.train.trainer import train
+    from repquant.train.fit import train
 
     parser = argparse.ArgumentParser(prog="python -m repquant.train.ddp")
     parser.add_argument("recipe")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import os
+import typing
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -193,7 +194,7 @@ def match_scales(model: nn.Module, scales: Mapping[str, Tensor],
         weight = m.block.conv.weight
         s_id = None if m.scale_identity is None else m.scale_identity.float()
         mask = gradient_mask(weight.shape, m.scale_conv.float(), m.scale_1x1.float(), s_id, m.block.groups)
-        masks[weight] = mask.to(weight.device)
+        masks[weight] = mask.to(weight.device)  # type: ignore[index]  # conv weights are Parameters
     return masks
 
 
@@ -212,6 +213,7 @@ def folded_gradient_masks(model: nn.Module, scales: Mapping[str, Tensor],
     masks: dict[str, Tensor] = {}
     for m in matched_blocks(model, scales, source):
         bn = m.block.bn
+        assert bn.running_var is not None  # RealVGG blocks track running statistics
         fold = (bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)).detach().cpu()
         s_id = None if m.scale_identity is None else m.scale_identity.double().cpu()
         mask = gradient_mask(m.block.conv.weight.shape, m.scale_conv.double().cpu(), m.scale_1x1.double().cpu(),
@@ -233,13 +235,12 @@ def init_from_scales(model: nn.Module, scales: Mapping[str, Tensor], seed: int =
     gen = torch.Generator().manual_seed(seed)
     for m in matched_blocks(model, scales, source):
         weight = m.block.conv.weight
-        like = {"device": weight.device, "dtype": weight.dtype}
         out_channels, fan_in = weight.shape[:2]  # fan_in of the imaginary 1x1 branch: (C_in / groups) * 1 * 1
         u = torch.rand(out_channels, fan_in, 1, 1, generator=gen, dtype=torch.float64) * 2 - 1
-        u = (u / math.sqrt(fan_in)).to(**like)
+        u = (u / math.sqrt(fan_in)).to(device=weight.device, dtype=weight.dtype)
         new = weight * _column(m.scale_conv, weight) + pad_kernel(u) * _column(m.scale_1x1, weight)
         if m.scale_identity is not None:
-            eye = identity_kernel(out_channels, m.block.groups, 3, **like)
+            eye = identity_kernel(out_channels, m.block.groups, 3, dtype=weight.dtype, device=weight.device)
             new = new + eye * _column(m.scale_identity, weight)
         weight.copy_(new)
 
@@ -303,7 +304,7 @@ class RepOptimizer(torch.optim.SGD):
         self.apply_masks()
         # SGD.step without torch's profiling/hook wrapper: once another SGD exists, SGD.step is wrapped
         # too, and calling it as is would run this optimizer's step hooks a second time.
-        sgd_step = torch.optim.SGD.step
+        sgd_step: typing.Any = torch.optim.SGD.step
         if getattr(sgd_step, "hooked", False):
             sgd_step = sgd_step.__wrapped__
         sgd_step(self)

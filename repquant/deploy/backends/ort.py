@@ -1,4 +1,5 @@
-"""ONNX Runtime inference for exported detectors, with the same call signature as ``DecodedDetector``."""
+"""The ONNX Runtime backend (CPU provider): exported detectors run with the same call signature as
+``DecodedDetector``; a Q/DQ file runs as real INT8 where ORT fuses the pattern (``QLinearConv``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from repquant.deploy.onnx_export import decode_onnx_metadata
+from repquant.deploy.onnx_export import decode_onnx_metadata, onnx_has_qdq
 from repquant.errors import CheckpointError, ModelError, RepquantError
 
 _OPT_LEVELS = {
@@ -42,6 +43,7 @@ class OrtDetector:
         graph_optimization: str = "all",
     ) -> None:
         self.path = Path(path)
+        self.backend, self.device, self.threads = "ort", "cpu", intra_op_threads
         if not self.path.is_file():
             raise CheckpointError(f"{self.path}: no such ONNX file")
         if graph_optimization not in _OPT_LEVELS:
@@ -65,6 +67,10 @@ class OrtDetector:
             raise CheckpointError(f"{self.path}: ONNX Runtime cannot load the model ({reason})") from None
         self.input_name = self.session.get_inputs()[0].name
         self.output_names = [o.name for o in self.session.get_outputs()]
+        if len(self.output_names) < 2:
+            raise CheckpointError(f"{self.path}: expected a detector with two outputs (boxes, scores), found "
+                                  f"{len(self.output_names)}")
+        self.precision = "int8" if onnx_has_qdq(self.path) else "fp32"
         self._read_metadata()
 
     def _read_metadata(self) -> None:
@@ -79,7 +85,8 @@ class OrtDetector:
         # A foreign ONNX file: fall back to the static shapes of the graph, if any.
         shape = self.session.get_inputs()[0].shape
         static = [d if isinstance(d, int) else None for d in shape]
-        self.img_size = (static[2], static[3]) if len(static) == 4 and None not in static[2:] else None
+        h, w = (static[2], static[3]) if len(static) == 4 else (None, None)
+        self.img_size = (h, w) if h is not None and w is not None else None
         self.batch_size = static[0] if static else None
         last = self.session.get_outputs()[-1].shape
         self.num_classes = last[-1] if last and isinstance(last[-1], int) else None
@@ -102,6 +109,12 @@ class OrtDetector:
         first, second = self.session.run(self.output_names[:2], {self.input_name: array})
         return first, second
 
+    def make_input(self, batch: int) -> np.ndarray:
+        """A seeded timing input of ``batch`` images at the file's size."""
+        if self.img_size is None:
+            raise RepquantError(f"{self.path}: the ONNX input has no static image size; cannot build an input")
+        return np.random.default_rng(0).random((batch, 3, *self.img_size), dtype=np.float32)
+
     def __repr__(self) -> str:
         return (
             f"OrtDetector({str(self.path)!r}, img_size={self.img_size}, num_classes={self.num_classes}, "
@@ -113,3 +126,25 @@ def _to_numpy(images: Any) -> np.ndarray:
     if hasattr(images, "detach"):  # a torch tensor; avoids importing torch here
         images = images.detach().to("cpu").numpy()
     return np.ascontiguousarray(images, dtype=np.float32)
+
+
+
+class OrtBackend:
+    """``open(onnx_path, options)`` -> :class:`OrtDetector` on the CPU provider."""
+
+    name = "ort"
+    source = "onnx"
+
+    def open(self, source: Any, options: Any) -> OrtDetector:
+        if options.precision == "fp16":
+            raise RepquantError("ONNX Runtime runs here on the CPU without fast fp16 kernels; use the tensorrt "
+                                "backend for fp16")
+        runner = OrtDetector(source, intra_op_threads=options.threads,
+                             graph_optimization=options.graph_optimization)
+        if runner.precision != options.precision:
+            raise RepquantError(f"{source}: {'has' if runner.precision == 'int8' else 'has no'} Q/DQ nodes, which "
+                                f"does not match precision {options.precision}")
+        return runner
+
+
+BACKEND = OrtBackend()

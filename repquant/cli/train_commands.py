@@ -1,0 +1,92 @@
+"""Training commands (train, hyper-search, train-repopt) and the README's main job (demo)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from repquant.cli.core import build_config, check_img_size, cli, default, parse_overrides, setup_torch
+from repquant.tasks.config import DemoConfig
+
+_RECIPE = click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
+_RESUME = click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir.")
+_SET = click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE",
+                    help="Override a recipe field (repeatable), e.g. --set epochs=3 --set output_dir=runs/x.")
+
+
+def _run_training(recipe: str, resume: bool, pairs: Sequence[str], **fixed: Any) -> None:
+    from repquant.tasks import train as task
+    from repquant.train.config import load_train_config
+
+    config = load_train_config(recipe, **{**parse_overrides(pairs), **fixed})
+    result = task.run(config, resume=resume)
+    click.echo(
+        f"best mAP@.5:.95 {result.best_map50_95:.4f} (epoch {result.best_epoch}); "
+        f"{result.epochs_run} epochs in {result.wall_time_s:.0f} s, {result.images_per_s:.1f} img/s; "
+        f"best: {result.best_checkpoint}"
+    )
+
+
+@cli.command("train")
+@_RECIPE
+@_RESUME
+@_SET
+@click.pass_context
+def train_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
+    """Train a model from a recipe YAML (torchrun --nproc_per_node N -m repquant.train.ddp for DDP)."""
+    setup_torch(ctx)
+    _run_training(recipe, resume, pairs)
+
+
+@cli.command("hyper-search")
+@_RECIPE
+@_RESUME
+@_SET
+@click.pass_context
+def hyper_search_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
+    """RepOpt stage 1: train LinearAddBlock scales; writes weights/scales.safetensors in the run folder."""
+    setup_torch(ctx)
+    _run_training(recipe, resume, pairs, block_mode="hyper_search")
+
+
+@cli.command("train-repopt")
+@_RECIPE
+@click.option("--scales", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="scales.safetensors from `repquant hyper-search`.")
+@_RESUME
+@_SET
+@click.pass_context
+def train_repopt_cmd(ctx: click.Context, recipe: str, scales: str, resume: bool, pairs: tuple[str, ...]) -> None:
+    """RepOpt stage 2: train the plain RealVGG model with the RepOptimizer's gradient masks."""
+    setup_torch(ctx)
+    _run_training(recipe, resume, pairs, block_mode="repopt", repopt_scales=Path(scales))
+
+
+@cli.command()
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Dataset YAML (default: a generated seeded synthetic dataset).")
+@click.option("--output", "-o", "output_dir", default=str(default(DemoConfig, "output_dir")), show_default=True,
+              type=click.Path(file_okay=False))
+@click.option("--model", default=default(DemoConfig, "model"), show_default=True)
+@click.option("--img-size", type=int, default=default(DemoConfig, "img_size"), show_default=True,
+              callback=check_img_size)
+@click.option("--epochs", type=click.IntRange(min=1), default=default(DemoConfig, "epochs"), show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=default(DemoConfig, "batch_size"),
+              show_default=True)
+@click.option("--seed", type=int, default=default(DemoConfig, "seed"), show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, **options: Any) -> None:
+    """Main job: train, evaluate, export ONNX, evaluate through ONNX Runtime; prints a summary."""
+    setup_torch(ctx)
+    from repquant.tasks import demo as task
+
+    r = task.run(build_config(ctx, DemoConfig, options))
+    click.echo(f"data: {r.data}\ntrained {r.epochs} epochs in {r.train_wall_time_s:.0f} s "
+               f"({r.train_images_per_s:.1f} img/s)")
+    click.echo(f"{'backend':<14}{'mAP@.5:.95':>12}{'mAP@.5':>10}")
+    click.echo(f"{'torch':<14}{r.torch_map50_95:>12.4f}{r.torch_map50:>10.4f}")
+    click.echo(f"{'onnxruntime':<14}{r.onnx_map50_95:>12.4f}{r.onnx_map50:>10.4f}")
+    click.echo(f"checkpoint: {r.checkpoint}\nonnx: {r.onnx}\nsummary: {r.summary}")

@@ -1,0 +1,118 @@
+"""What a ``--model`` argument is, decided in one place from the file's content (never loaded here).
+
+Kinds: a registry name (``yolov6s``), a repquant checkpoint (safetensors, or a ``torch.save`` dict of
+tensors), a quantized checkpoint (safetensors with a ``repquant_quant`` record, written by QAT), an
+official meituan/YOLOv6 ``.pt`` (a pickled ``nn.Module`` whose pickle names ``yolov6.*`` classes), an ONNX
+file, a TensorRT engine. ONNX (protobuf, no magic bytes) and engines are recognised by their suffix.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import pickletools
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from repquant.errors import CheckpointError
+from repquant.io import read_safetensors_metadata, sniff_tensor_file
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan")
+QUANT_METADATA_KEY = "repquant_quant"
+
+
+class ModelKind(enum.Enum):
+    REGISTRY = "registry name"
+    CHECKPOINT = "repquant checkpoint"
+    QUANTIZED = "quantized checkpoint"
+    OFFICIAL = "official YOLOv6 checkpoint"
+    ONNX = "ONNX model"
+    ENGINE = "TensorRT engine"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A resolved ``--model`` argument: what it is and where it lives (``path`` None for a registry name)."""
+
+    text: str
+    kind: ModelKind
+    path: Path | None = None
+
+    @property
+    def is_torch(self) -> bool:
+        """Loads as a torch model (float or fake-quant)."""
+        return self.kind not in (ModelKind.ONNX, ModelKind.ENGINE)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def pickle_globals(path: str | os.PathLike) -> list[str]:
+    """The ``module.name`` globals the pickle of a ``torch.save`` zip file refers to, in order of first use,
+    read with ``pickletools`` (nothing is unpickled)."""
+    with zipfile.ZipFile(path) as archive:
+        name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+        if name is None:
+            raise CheckpointError(f"{path}: torch zip file without data.pkl")
+        data = archive.read(name)
+    found: list[str] = []
+    strings: list[str] = []
+    for opcode, arg, _pos in pickletools.genops(data):
+        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+            strings.append(str(arg))
+        elif opcode.name == "GLOBAL":
+            found.append(str(arg).replace(" ", ".").replace("\n", "."))
+        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+            found.append(f"{strings[-2]}.{strings[-1]}")
+    return list(dict.fromkeys(found))
+
+
+def _torch_kind(path: Path) -> ModelKind:
+    if not zipfile.is_zipfile(path):
+        return ModelKind.CHECKPOINT  # a legacy pickle: the weights-only loader decides
+    try:
+        names = pickle_globals(path)
+    except (zipfile.BadZipFile, ValueError, EOFError, KeyError) as err:
+        raise CheckpointError(f"{path}: corrupt torch checkpoint ({type(err).__name__})") from None
+    return ModelKind.OFFICIAL if any(n.startswith("yolov6.") for n in names) else ModelKind.CHECKPOINT
+
+
+def _file_kind(path: Path) -> ModelKind:
+    if path.suffix in ONNX_SUFFIXES:
+        return ModelKind.ONNX
+    if path.suffix in ENGINE_SUFFIXES:
+        return ModelKind.ENGINE
+    try:
+        container = sniff_tensor_file(path)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read model file ({err.strerror or err})") from None
+    if container == "safetensors":
+        try:
+            metadata = read_safetensors_metadata(path)
+        except Exception as err:  # safetensors raises its own error types for corrupt headers
+            raise CheckpointError(f"{path}: corrupt safetensors file ({type(err).__name__})") from None
+        return ModelKind.QUANTIZED if QUANT_METADATA_KEY in metadata else ModelKind.CHECKPOINT
+    if container == "torch":
+        return _torch_kind(path)
+    raise CheckpointError(f"{path}: not a model file (expected a safetensors or torch checkpoint, an official "
+                          f"YOLOv6 .pt, an {'/'.join(ONNX_SUFFIXES)} file or a TensorRT {'/'.join(ENGINE_SUFFIXES)})")
+
+
+def identify(spec: str | os.PathLike) -> ModelSpec:
+    """Resolve a ``--model`` argument: an existing file by its content, else a registry name.
+
+    A missing path (a name with a folder separator or a model-file suffix) raises ``CheckpointError``;
+    an unknown registry name is reported by the model registry when it is built.
+    """
+    text = os.fspath(spec)
+    path = Path(text)
+    if path.is_file():
+        return ModelSpec(text, _file_kind(path), path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a model file")
+    suffixes = (".safetensors", ".pt", ".pth", *ONNX_SUFFIXES, *ENGINE_SUFFIXES)
+    if "/" in text or os.sep in text or text.endswith(suffixes):
+        raise CheckpointError(f"{path}: no such model file")
+    return ModelSpec(text, ModelKind.REGISTRY)

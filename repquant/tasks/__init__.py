@@ -1,0 +1,1 @@
+"""One module per command: ``run(config) -> result``, no printing; configs in ``repquant.tasks.config``."""

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from repquant.errors import CheckpointError, ModelError
 from repquant.io import read_safetensors, sniff_tensor_file, torch_load_weights_only, write_safetensors
+from repquant.modelfile import pickle_globals, refuse_foreign_globals
 from repquant.models.yolov6 import ModelConfig, YOLOv6
 
 FORMAT_VERSION = 1
@@ -139,7 +141,7 @@ def model_from_state(path: str | os.PathLike, state: dict[str, torch.Tensor], me
     if "repquant_quant" in metadata and any("_quantizer." in k for k in state):
         raise CheckpointError(f"{path}: a quantized (QAT) checkpoint; `repquant export` and `repquant eval` "
                               "read it, float-model commands do not")
-    _check_state_dict(path, _describe(config), model.state_dict(), state)
+    check_state_dict(path, _describe(config), model.state_dict(), state)
     model.load_state_dict(state, strict=True)
     return model
 
@@ -196,6 +198,8 @@ def _load_safetensors(path: Path, map_location: str) -> tuple[dict[str, torch.Te
 
 
 def _load_torch(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    if zipfile.is_zipfile(path):  # name the offending global instead of torch's weights-only message
+        refuse_foreign_globals(path, pickle_globals(path))
     try:
         obj = torch_load_weights_only(path, map_location=map_location)
     except Exception as err:  # truncated zip, pickle with code (weights_only refuses it), ...
@@ -224,7 +228,7 @@ def _build_model(path: Path, config: dict[str, Any]) -> YOLOv6:
         raise CheckpointError(f"{path}: cannot build model from stored config ({_one_line(err)})") from None
 
 
-def _check_state_dict(
+def check_state_dict(
     path: Path, variant: str, expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]
 ) -> None:
     """Raise on the first missing key, unexpected key or shape mismatch (model order)."""

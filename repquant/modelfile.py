@@ -18,6 +18,13 @@ from pathlib import Path
 from repquant.errors import CheckpointError
 from repquant.io import read_safetensors_metadata, sniff_tensor_file
 
+# What a pickle of tensors and plain containers refers to: torch's weights-only unpickler rebuilds these.
+TORCH_BUILTINS = (
+    "torch._utils._rebuild_tensor_v2", "torch._utils._rebuild_parameter", "torch._utils._rebuild_tensor",
+    "collections.OrderedDict", "__builtin__.set", "builtins.set", "_codecs.encode", "torch.Size",
+    *(f"torch.{kind}Storage" for kind in ("Half", "Float", "Double", "BFloat16", "Long", "Int", "Short", "Char",
+                                          "Byte", "Bool")),
+)
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan")
 QUANT_METADATA_KEY = "repquant_quant"
@@ -52,11 +59,14 @@ class ModelSpec:
 def pickle_globals(path: str | os.PathLike) -> list[str]:
     """The ``module.name`` globals the pickle of a ``torch.save`` zip file refers to, in order of first use,
     read with ``pickletools`` (nothing is unpickled)."""
-    with zipfile.ZipFile(path) as archive:
-        name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-        if name is None:
-            raise CheckpointError(f"{path}: torch zip file without data.pkl")
-        data = archive.read(name)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+            if name is None:
+                raise CheckpointError(f"{path}: torch zip file without data.pkl")
+            data = archive.read(name)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({type(err).__name__})") from None
     found: list[str] = []
     strings: list[str] = []
     for opcode, arg, _pos in pickletools.genops(data):
@@ -67,6 +77,14 @@ def pickle_globals(path: str | os.PathLike) -> list[str]:
         elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
             found.append(f"{strings[-2]}.{strings[-1]}")
     return list(dict.fromkeys(found))
+
+
+def refuse_foreign_globals(path: Path, names: list[str], allowed: tuple[str, ...] = TORCH_BUILTINS) -> None:
+    """Raise naming the first global of the pickle that is not in ``allowed`` (nothing is executed)."""
+    foreign = next((n for n in names if n not in allowed), None)
+    if foreign is not None:
+        raise CheckpointError(f"{path}: refused to load: the pickle references {foreign}, which is not a tensor "
+                              "or container of a checkpoint (nothing was executed)")
 
 
 def _torch_kind(path: Path) -> ModelKind:

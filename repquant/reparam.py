@@ -23,6 +23,7 @@ __all__ = [
     "fuse_conv_bn",
     "pad_kernel",
     "identity_kernel",
+    "avg_pool_kernel",
     "merge_branches",
     "reparameterize",
     "is_deployed",
@@ -93,6 +94,25 @@ def identity_kernel(
     kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
     idx = torch.arange(channels, device=kernel.device)
     kernel[idx, idx % per_group, kernel_size // 2, kernel_size // 2] = 1
+    return kernel
+
+
+def avg_pool_kernel(
+    channels: int,
+    groups: int = 1,
+    kernel_size: int = 3,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The ``(channels, channels // groups, k, k)`` kernel of a k x k average pool with stride 1, padding k // 2
+    and zero padding counted (``nn.AvgPool2d`` defaults): ``1 / k^2`` on every tap of each channel's own input.
+    """
+    if channels % groups != 0:
+        raise ValueError(f"avg_pool_kernel: {channels} channels not divisible by {groups} groups")
+    per_group = channels // groups
+    kernel = torch.zeros(channels, per_group, kernel_size, kernel_size, dtype=dtype, device=device)
+    idx = torch.arange(channels, device=kernel.device)
+    kernel[idx, idx % per_group] = 1.0 / kernel_size**2
     return kernel
 
 

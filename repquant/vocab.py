@@ -29,6 +29,6 @@ PRECISIONS = ("fp32", "fp16", "int8")
 # Storage type of the keep-float convs in a QDQ file.
 FLOAT_DTYPES = ("fp32", "fp16")
 # Training forms of the RepVGG-style 3x3 slots.
-BLOCK_MODES = ("repvgg", "qarepvgg", "repopt", "hyper_search", "conv_silu")
+BLOCK_MODES = ("repvgg", "qarepvgg", "qarepvggv2", "repopt", "hyper_search", "conv_silu")
 # CLI spelling of a metric -> the metric names it selects.
 METRIC_CHOICES = {"mse": ("mse",), "snr": ("snr_db",), "cosine": ("cosine",), "all": METRICS}

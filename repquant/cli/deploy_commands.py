@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from repquant.cli.core import build_config, check_img_size, cli, default, setup_torch, with_config
-from repquant.tasks.config import BenchConfig, EvalConfig, ExportConfig, InfoConfig
+from repquant.tasks.config import BenchConfig, ConvertConfig, EvalConfig, ExportConfig, InfoConfig
 from repquant.vocab import BACKENDS, PRECISIONS
 
 MODEL_HELP = ("Registry name (see `repquant list-models`), repquant checkpoint, quantized checkpoint, official "
@@ -72,6 +72,19 @@ def export(ctx: click.Context, **options: Any) -> None:
     kind = "QDQ, " if result.quantized else ""
     click.echo(f"wrote {result.path} ({kind}{result.size_mb:.1f} MB, {result.model_name}, "
                f"{result.img_size}x{result.img_size})")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="repquant checkpoint to write.")
+@click.pass_context
+def convert(ctx: click.Context, model: str, output: str) -> None:
+    """An official meituan/YOLOv6 .pt as a repquant checkpoint (read safely; source sha256 and naming recorded)."""
+    setup_torch(ctx)
+    from repquant.tasks import convert as task
+
+    result = task.run(ConvertConfig(model, Path(output)))
+    click.echo(f"wrote {result.path}: {result.report.summary()}")
 
 
 @cli.command("eval")

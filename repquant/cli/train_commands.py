@@ -15,12 +15,16 @@ _RECIPE = click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 _RESUME = click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir.")
 _SET = click.option("--set", "pairs", multiple=True, metavar="KEY=VALUE",
                     help="Override a recipe field (repeatable), e.g. --set epochs=3 --set output_dir=runs/x.")
+_WEIGHTS = click.option("--weights", type=click.Path(exists=True, dir_okay=False), default=None,
+                        help="Fine-tune from an official YOLOv6 .pt or a repquant checkpoint (tensors that fit).")
 
 
-def _run_training(recipe: str, resume: bool, pairs: Sequence[str], **fixed: Any) -> None:
+def _run_training(recipe: str, resume: bool, pairs: Sequence[str], weights: str | None, **fixed: Any) -> None:
     from repquant.tasks import train as task
     from repquant.train.config import load_train_config
 
+    if weights is not None:
+        fixed["weights"] = Path(weights)
     config = load_train_config(recipe, **{**parse_overrides(pairs), **fixed})
     result = task.run(config, resume=resume)
     click.echo(
@@ -34,11 +38,12 @@ def _run_training(recipe: str, resume: bool, pairs: Sequence[str], **fixed: Any)
 @_RECIPE
 @_RESUME
 @_SET
+@_WEIGHTS
 @click.pass_context
-def train_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
+def train_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...], weights: str | None) -> None:
     """Train a model from a recipe YAML (torchrun --nproc_per_node N -m repquant.train.ddp for DDP)."""
     setup_torch(ctx)
-    _run_training(recipe, resume, pairs)
+    _run_training(recipe, resume, pairs, weights)
 
 
 @cli.command("hyper-search")
@@ -49,7 +54,7 @@ def train_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, .
 def hyper_search_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple[str, ...]) -> None:
     """RepOpt stage 1: train LinearAddBlock scales; writes weights/scales.safetensors in the run folder."""
     setup_torch(ctx)
-    _run_training(recipe, resume, pairs, block_mode="hyper_search")
+    _run_training(recipe, resume, pairs, None, block_mode="hyper_search")
 
 
 @cli.command("train-repopt")
@@ -58,11 +63,14 @@ def hyper_search_cmd(ctx: click.Context, recipe: str, resume: bool, pairs: tuple
               help="scales.safetensors from `repquant hyper-search`.")
 @_RESUME
 @_SET
+@_WEIGHTS
 @click.pass_context
-def train_repopt_cmd(ctx: click.Context, recipe: str, scales: str, resume: bool, pairs: tuple[str, ...]) -> None:
-    """RepOpt stage 2: train the plain RealVGG model with the RepOptimizer's gradient masks."""
+def train_repopt_cmd(ctx: click.Context, recipe: str, scales: str, resume: bool, pairs: tuple[str, ...],
+                     weights: str | None) -> None:
+    """RepOpt stage 2: train the plain RealVGG model with the RepOptimizer's gradient masks (with --weights:
+    fine-tune a RepOpt checkpoint instead of initialising the convs from the scales)."""
     setup_torch(ctx)
-    _run_training(recipe, resume, pairs, block_mode="repopt", repopt_scales=Path(scales))
+    _run_training(recipe, resume, pairs, weights, block_mode="repopt", repopt_scales=Path(scales))
 
 
 @cli.command()

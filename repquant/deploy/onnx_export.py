@@ -102,8 +102,10 @@ def _trace_to_onnx(wrapper: nn.Module, dummy: Any, output_names: tuple[str, ...]
         # The legacy exporter announces its own deprecation on every call; we choose it on purpose.
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (dummy,), buffer,  # type: ignore[arg-type]  # file-like is supported dynamo=False, opset_version=opset, input_names=[INPUT_NAME],
-                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
+        # torch.onnx.export writes to a file-like object too (its annotation says path only).
+        torch.onnx.export(wrapper, (dummy,), buffer, dynamo=False, opset_version=opset,  # type: ignore[arg-type]
+                          input_names=[INPUT_NAME], output_names=list(output_names), dynamic_axes=dynamic_axes,
+                          do_constant_folding=True)
     return onnx.load_model_from_string(buffer.getvalue())
 
 

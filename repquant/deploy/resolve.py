@@ -18,6 +18,7 @@ from repquant.deploy.onnx_export import export_onnx, read_onnx_metadata
 from repquant.errors import CheckpointError
 from repquant.modelfile import ModelKind, ModelSpec, identify
 from repquant.models import YOLOv6, create_model
+from repquant.official import load_official_model
 from repquant.quant.checkpoint import QUANT_METADATA_KEY, load_quantized_model
 from repquant.reparam import is_deployed, reparameterize
 
@@ -45,7 +46,7 @@ class ModelHandle:
         if kind is ModelKind.CHECKPOINT:
             return load_model(self._file(), expected_num_classes=num_classes)
         if kind is ModelKind.OFFICIAL:
-            raise CheckpointError(f"{path}: official YOLOv6 checkpoints are not supported yet")
+            return load_official_model(self._file(), expected_num_classes=num_classes)
         if kind is ModelKind.QUANTIZED:
             raise CheckpointError(f"{path}: a quantized (QAT) checkpoint; `repquant export` and `repquant eval` "
                                   "read it, float-model commands do not")

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from repquant.errors import ModelError
-from repquant.reparam import fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
+from repquant.reparam import avg_pool_kernel, fuse_conv_bn, identity_kernel, merge_branches, pad_kernel
 
 BN_EPS = 1e-3
 BN_MOMENTUM = 0.03
@@ -216,7 +216,7 @@ class QARepVGGBlock(_RepStyleBlock):
     after the sum, which keeps the fused weight distribution quantization friendly.
     """
 
-    _train_attrs = ("conv3x3", "bn3x3", "conv1x1", "bn")
+    _train_attrs: tuple[str, ...] = ("conv3x3", "bn3x3", "conv1x1", "bn")
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__(in_channels, out_channels, stride, groups)
@@ -235,6 +235,35 @@ class QARepVGGBlock(_RepStyleBlock):
         branches = [_bn_fold(self.conv3x3.weight, None, self.bn3x3), (self.conv1x1.weight, None)]
         if self.has_identity:
             branches.append((self._identity(self.conv3x3.weight), None))
+        kernel, bias = merge_branches(branches)
+        return _bn_fold(kernel, bias, self.bn)
+
+
+@register_block_mode("qarepvggv2")
+class QARepVGGBlockV2(QARepVGGBlock):
+    """QARepVGG with a 3x3 average-pool branch wherever the identity branch exists (the block of YOLOv6's
+    ``configs/qarepvgg`` models, ``training_mode='qarepvggv2'``): ReLU(BN(BN3(conv3x3(x)) + conv1x1(x) + x +
+    avgpool3x3(x))). The pool has no weights, so the state dict equals ``qarepvgg``'s: only the block mode
+    tells the two apart."""
+
+    _train_attrs = ("conv3x3", "bn3x3", "conv1x1", "bn", "avg")
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__(in_channels, out_channels, stride, groups)
+        self.avg = nn.AvgPool2d(3, 1, 1) if self.has_identity else None
+
+    def _forward_train(self, x: Tensor) -> Tensor:
+        out = self.bn3x3(self.conv3x3(x)) + self.conv1x1(x)
+        if self.avg is not None:
+            out = out + x + self.avg(x)
+        return self.bn(out)
+
+    def _equivalent_kernel_bias(self) -> tuple[Tensor, Tensor]:
+        branches = [_bn_fold(self.conv3x3.weight, None, self.bn3x3), (self.conv1x1.weight, None)]
+        if self.has_identity:
+            like = self.conv3x3.weight
+            branches.append((self._identity(like), None))
+            branches.append((avg_pool_kernel(self.in_channels, self.groups, 3, like.dtype, like.device), None))
         kernel, bias = merge_branches(branches)
         return _bn_fold(kernel, bias, self.bn)
 

@@ -155,6 +155,10 @@ YOLOV6L = register(
         **_V3,
     )
 )
+# configs/qarepvgg of the official code: the v3.0 N/S/M architectures trained with QARepVGGBlockV2.
+YOLOV6N_QA = register(dataclasses.replace(YOLOV6N, name="yolov6n-qa", block_mode="qarepvggv2"))
+YOLOV6S_QA = register(dataclasses.replace(YOLOV6S, name="yolov6s-qa", block_mode="qarepvggv2"))
+YOLOV6M_QA = register(dataclasses.replace(YOLOV6M, name="yolov6m-qa", block_mode="qarepvggv2"))
 YOLOV6N_V2 = register(
     ModelConfig(
         "yolov6n-v2",

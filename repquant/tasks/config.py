@@ -368,3 +368,16 @@ class InfoConfig:
         p = _Problems()
         p.img_size(self.img_size)
         p.raise_for("info")
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    """``repquant convert``: an official YOLOv6 ``.pt`` as a repquant checkpoint (safetensors)."""
+
+    model: str
+    output: Path
+
+    def __post_init__(self) -> None:
+        p = _Problems()
+        p.check(str(self.output).endswith(".safetensors"), f"output must end in .safetensors, got {self.output}")
+        p.raise_for("convert")

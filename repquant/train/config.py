@@ -86,6 +86,9 @@ class TrainConfig:
     # RepOpt stage 2 (block_mode 'repopt'): per-channel scales from a 'hyper_search' run
     # (weights/scales.safetensors); they initialise the convs and become the RepOptimizer's gradient masks.
     repopt_scales: Path | None = None
+    # Fine-tuning: initial weights from an official YOLOv6 .pt or a repquant checkpoint (train form); tensors
+    # whose name and shape fit are loaded, the class predictions re-initialised when the class count differs.
+    weights: Path | None = None
     output_dir: Path = Path("runs/train/exp")
 
     def __post_init__(self) -> None:

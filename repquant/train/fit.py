@@ -35,6 +35,7 @@ from repquant.train.config import TrainConfig
 from repquant.train.distill import SelfDistillLoss
 from repquant.train.ema import ModelEMA
 from repquant.train.losses import ComputeLoss
+from repquant.train.pretrained import load_pretrained
 from repquant.train.trainer import Hook, LoopConfig, Trainer, TrainParts, check_run_slot
 
 LOGGER = logging.getLogger("repquant.train")
@@ -95,12 +96,13 @@ class DetectionObjective:
 
 def _optimizer(config: TrainConfig, model: YOLOv6, weight_decay: float) -> torch.optim.Optimizer:
     """SGD with YOLOv6's groups; for ``block_mode='repopt'`` the RepOptimizer, with the convs initialised
-    from the hyper-search scales (YOLOv6 ``RepVGGOptimizer(reinit=True)``)."""
+    from the hyper-search scales (YOLOv6 ``RepVGGOptimizer(reinit=True)``) unless pretrained weights start the run."""
     if model.config.block_mode != "repopt" or config.repopt_scales is None:
         return schedule.build_optimizer(model, config.lr0, config.momentum, weight_decay)
     source = str(config.repopt_scales)
     scales, scales_model = repopt.load_scales(config.repopt_scales)
-    repopt.init_from_scales(model, scales, seed=config.seed, source=source)
+    if config.weights is None:
+        repopt.init_from_scales(model, scales, seed=config.seed, source=source)
     masks = repopt.match_scales(model, scales, source=source)
     LOGGER.info("RepOptimizer: %d masked convs, scales from %s (%s)", len(masks), source, scales_model)
     return repopt.build_repopt_optimizer(model, masks, config.lr0, config.momentum, weight_decay)
@@ -151,7 +153,10 @@ class _MosaicCloser:
 def training_parts(config: TrainConfig, data: DataConfig, device: torch.device, is_main: bool,
                    world_size: int) -> TrainParts:
     """Model, loss, optimizer, EMA, datasets and callbacks of a training run on ``device``."""
-    model = create_model(config.model, num_classes=data.nc, block_mode=config.block_mode).to(device)
+    model = create_model(config.model, num_classes=data.nc, block_mode=config.block_mode)
+    if config.weights is not None:
+        load_pretrained(model, config.weights)
+    model = model.to(device)
     train_set = DetectionDataset(data, "train", config.img_size, augment=True, aug=config.augment, seed=config.seed)
     val_set = DetectionDataset(data, "val", config.img_size) if is_main else None
     weight_decay = schedule.scaled_weight_decay(config.weight_decay, config.batch_size, config.nominal_batch)

@@ -22,7 +22,14 @@ from repquant.deploy.report import (
     read_report,
     validate_report,
 )
-from repquant.deploy.timing import TimingPlan, environment_info, latency_stats, reparam_speedup, time_runner
+from repquant.deploy.timing import (
+    TimingPlan,
+    compare_runners,
+    environment_info,
+    latency_stats,
+    reparam_speedup,
+    time_runner,
+)
 from repquant.errors import RecipeError, RepquantError
 from repquant.tasks import bench
 from repquant.tasks.config import BenchConfig
@@ -100,6 +107,26 @@ def test_benchmark_loop_with_injected_clock() -> None:
     assert (first.batch_size, second.batch_size) == (1, 4)
     assert first.img_size == (32, 64) and first.iterations == 4 and first.warmup == 2
     assert (first.backend, first.variant, first.timer, first.threads) == ("ort", "x.onnx", "perf_counter", 3)
+
+
+def test_compare_runners_interleaves_so_that_drift_hits_both_alike() -> None:
+    # Two equally fast runners on a machine that slows down steadily: timed one after the other the second
+    # looks much slower; timed in interleaved rounds the two stay close.
+    def ratio(interleaved: bool) -> float:
+        clock = FakeClock([0.001 * (1 + i / 50) for i in range(10_000)])
+        a, b = FakeRunner(clock, (32, 32)), FakeRunner(clock, (32, 32))
+        plan = TimingPlan(batch_sizes=(1, 2), warmup=1, iters=12)
+        if interleaved:
+            results = compare_runners({"a": a, "b": b}, plan, rounds=3, clock=clock)
+            first, second = results["a"][0], results["b"][0]
+            assert [r.batch_size for r in results["b"]] == [1, 2] and results["a"][0].variant == "a"
+        else:
+            [first, _], [second, _] = time_runner(a, plan, clock=clock), time_runner(b, plan, clock=clock)
+        return second.latency_ms.median / first.latency_ms.median
+
+    sequential, interleaved = ratio(False), ratio(True)
+    assert sequential > 1.25
+    assert abs(interleaved - 1) < (sequential - 1) / 2
 
 
 def test_min_seconds_extends_the_run() -> None:

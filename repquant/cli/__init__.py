@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from repquant.cli import deploy_commands, quant_commands, train_commands  # noqa: F401  (register commands)
+from repquant.cli import deploy_commands, quant_commands, quantize_commands, train_commands  # noqa: F401  (register commands)
 from repquant.cli.core import cli
 
 __all__ = ["cli", "main"]

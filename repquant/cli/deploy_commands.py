@@ -127,6 +127,8 @@ def eval_cmd(ctx: click.Context, as_json: bool, **options: Any) -> None:
               callback=check_img_size)
 @click.option("--warmup", type=click.IntRange(min=0), default=default(BenchConfig, "warmup"), show_default=True)
 @click.option("--iters", type=click.IntRange(min=1), default=default(BenchConfig, "iters"), show_default=True)
+@click.option("--min-seconds", type=click.FloatRange(min=0), default=default(BenchConfig, "min_seconds"),
+              show_default=True, help="Keep timing each batch size until this much timed work has passed.")
 @click.option("--cuda-graphs", is_flag=True, help="torch on CUDA: replay a captured CUDA graph.")
 @click.option("--compare-train-form", is_flag=True, help="torch: also time the train-form model.")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)

@@ -16,7 +16,8 @@ from repquant.vocab import CALIBRATORS, FLOAT_DTYPES, LAYOUTS, METRIC_CHOICES, M
 _RANKING = {"metric": "ranking_metric", "mode": "ranking_mode", "sensitivity": "sensitivity_json"}
 
 
-def _metric(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def metric_field(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """The config's metric name of a --metric choice (snr -> snr_db)."""
     return METRIC_CHOICES[value][0]
 
 
@@ -45,7 +46,7 @@ def _ranking_options(command: Callable) -> Callable:
     """--sensitivity / --metric / --mode: where ptq and qat take the ranking of keep-float layers from."""
     command = click.option("--mode", type=click.Choice(MODES), default="isolated", show_default=True)(command)
     command = click.option("--metric", type=click.Choice(list(METRIC_CHOICES)[:3]), default="mse",
-                           show_default=True, callback=_metric)(command)
+                           show_default=True, callback=metric_field)(command)
     return click.option("--sensitivity", type=click.Path(exists=True, dir_okay=False), default=None,
                         help="`repquant sensitivity` JSON to rank layers (default: measure the ranking now)."
                         )(command)

@@ -1,4 +1,4 @@
-"""Training commands (train, hyper-search, train-repopt) and the README's main job (demo)."""
+"""Training commands (train, hyper-search, train-repopt)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Any
 
 import click
 
-from repquant.cli.core import build_config, check_img_size, cli, default, parse_overrides, setup_torch
-from repquant.tasks.config import DemoConfig
+from repquant.cli.core import cli, parse_overrides, setup_torch
 
 _RECIPE = click.argument("recipe", type=click.Path(exists=True, dir_okay=False))
 _RESUME = click.option("--resume", is_flag=True, help="Continue the run in the recipe's output_dir.")
@@ -71,30 +70,3 @@ def train_repopt_cmd(ctx: click.Context, recipe: str, scales: str, resume: bool,
     fine-tune a RepOpt checkpoint instead of initialising the convs from the scales)."""
     setup_torch(ctx)
     _run_training(recipe, resume, pairs, weights, block_mode="repopt", repopt_scales=Path(scales))
-
-
-@cli.command()
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Dataset YAML (default: a generated seeded synthetic dataset).")
-@click.option("--output", "-o", "output_dir", default=str(default(DemoConfig, "output_dir")), show_default=True,
-              type=click.Path(file_okay=False))
-@click.option("--model", default=default(DemoConfig, "model"), show_default=True)
-@click.option("--img-size", type=int, default=default(DemoConfig, "img_size"), show_default=True,
-              callback=check_img_size)
-@click.option("--epochs", type=click.IntRange(min=1), default=default(DemoConfig, "epochs"), show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=default(DemoConfig, "batch_size"),
-              show_default=True)
-@click.option("--seed", type=int, default=default(DemoConfig, "seed"), show_default=True)
-@click.pass_context
-def demo(ctx: click.Context, **options: Any) -> None:
-    """Main job: train, evaluate, export ONNX, evaluate through ONNX Runtime; prints a summary."""
-    setup_torch(ctx)
-    from repquant.tasks import demo as task
-
-    r = task.run(build_config(ctx, DemoConfig, options))
-    click.echo(f"data: {r.data}\ntrained {r.epochs} epochs in {r.train_wall_time_s:.0f} s "
-               f"({r.train_images_per_s:.1f} img/s)")
-    click.echo(f"{'backend':<14}{'mAP@.5:.95':>12}{'mAP@.5':>10}")
-    click.echo(f"{'torch':<14}{r.torch_map50_95:>12.4f}{r.torch_map50:>10.4f}")
-    click.echo(f"{'onnxruntime':<14}{r.onnx_map50_95:>12.4f}{r.onnx_map50:>10.4f}")
-    click.echo(f"checkpoint: {r.checkpoint}\nonnx: {r.onnx}\nsummary: {r.summary}")

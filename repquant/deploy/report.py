@@ -87,13 +87,14 @@ def plot_pareto(
     path: str | os.PathLike,
     x_key: str = "latency_ms",
     y_key: str = "map50_95",
-    label_key: str = "name",
     title: str = "Accuracy vs latency",
     x_label: str = "latency (ms, lower is better)",
     y_label: str = "mAP@0.5:0.95",
+    threshold: tuple[float, str] | None = None,
 ) -> Path:
-    """Scatter ``y_key`` against ``x_key`` (rows missing either are skipped), label each point,
-    join the Pareto front, and write a PNG atomically at ``path``."""
+    """Scatter ``y_key`` against ``x_key`` (rows missing either are skipped), label each point by ``name``,
+    join the Pareto front, draw ``threshold`` (y value, label) as a horizontal line when given, and write a
+    PNG atomically at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless (CI); must precede pyplot's first import in the process
@@ -117,8 +118,10 @@ def plot_pareto(
         )
         for row, (x, y) in zip(usable, points, strict=True):
             ax.annotate(
-                str(row.get(label_key, "")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
+                str(row.get("name", "")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8
             )
+        if threshold is not None:
+            ax.axhline(threshold[0], color="tab:red", linestyle=":", label=threshold[1])
         ax.set(title=title, xlabel=x_label, ylabel=y_label)
         ax.grid(True, alpha=0.3)
         ax.legend(loc="lower right")
@@ -289,7 +292,7 @@ def validate_report(data: Any) -> None:
     """Check ``data`` (a decoded JSON report) against ``REPORT_SCHEMA``: every key present with its
     type (extra keys allowed), ``schema_version == SCHEMA_VERSION``, known enum values, ``img_size``
     of length 2. Raises :class:`RepquantError` naming the first offending field."""
-    _check(data, REPORT_SCHEMA, "report")
+    check_schema(data, REPORT_SCHEMA, "report")
     if data["schema_version"] != SCHEMA_VERSION:
         raise RepquantError(f"report.schema_version: expected {SCHEMA_VERSION}, got {data['schema_version']}")
     for where, sizes in [("report.img_size", data["img_size"])] + [
@@ -303,19 +306,21 @@ def validate_report(data: Any) -> None:
                 raise RepquantError(f"results[{i}].{key}: {result[key]!r} is not one of {', '.join(allowed)}")
 
 
-def _check(value: Any, spec: Any, where: str) -> None:
+def check_schema(value: Any, spec: Any, where: str) -> None:
+    """Check ``value`` against ``spec`` (dict of keys -> spec, ``[spec]`` for lists, a type or tuple of types);
+    extra keys are allowed; raise :class:`RepquantError` naming the first offending field."""
     if isinstance(spec, dict):
         if not isinstance(value, dict):
             raise RepquantError(f"{where}: expected an object, got {type(value).__name__}")
         for key, sub in spec.items():
             if key not in value:
                 raise RepquantError(f"{where}: missing key {key!r}")
-            _check(value[key], sub, f"{where}.{key}")
+            check_schema(value[key], sub, f"{where}.{key}")
     elif isinstance(spec, list):
         if not isinstance(value, list):
             raise RepquantError(f"{where}: expected a list, got {type(value).__name__}")
         for i, item in enumerate(value):
-            _check(item, spec[0], f"{where}[{i}]")
+            check_schema(item, spec[0], f"{where}[{i}]")
     else:
         types = spec if isinstance(spec, tuple) else (spec,)
         # bool is an int subclass in Python, but true/false is never a valid count or size.

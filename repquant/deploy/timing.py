@@ -10,10 +10,11 @@ events recorded around each call on the current stream. Throughput is ``batch_si
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,25 @@ def time_runner(runner: Runner, plan: TimingPlan, variant: str = "deployed",
             throughput_img_s=int(batch) * 1000.0 / stats.median, threads=runner.threads,
             cuda_graphs=bool(getattr(runner, "_graphs", None)),
         ))
+    return results
+
+
+def compare_runners(runners: Mapping[str, Runner], plan: TimingPlan, rounds: int = 3,
+                    clock: Callable[[], float] = time.perf_counter) -> dict[str, list[BenchResult]]:
+    """Time several runners side by side: for each batch size, ``rounds`` rounds in which every runner is timed
+    in turn (``plan.iters`` and ``plan.min_seconds`` split over the rounds, so the timed work is that of one
+    ``time_runner`` call), so that a machine whose speed drifts (a busy neighbour, clock changes) slows them
+    alike. Each runner's result per batch size is the round with the median latency. Use it for every speed
+    ratio (INT8 vs FP32)."""
+    per_round = TimingPlan((1,), plan.warmup, -(-plan.iters // rounds), plan.min_seconds / rounds)
+    results: dict[str, list[BenchResult]] = {name: [] for name in runners}
+    for batch in plan.batch_sizes:
+        trials: dict[str, list[BenchResult]] = {name: [] for name in runners}
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                trials[name] += time_runner(runner, dataclasses.replace(per_round, batch_sizes=(batch,)), name, clock)
+        for name, rows in trials.items():
+            results[name].append(sorted(rows, key=lambda r: r.latency_ms.median)[len(rows) // 2])
     return results
 
 

@@ -21,6 +21,10 @@ ModelOpt facts relied on here (read from modelopt/torch/quantization, 0.47):
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -30,6 +34,10 @@ from torch import nn
 from repquant.errors import CalibrationError, MissingDependencyError
 
 _PURPOSE = "INT8 quantization"
+logger = logging.getLogger(__name__)
+# modelopt warns (on import, and again on lazy imports of its export code) that transformers is missing;
+# repquant never exports Hugging Face modules.
+warnings.filterwarnings("ignore", message="Cannot find transformers package", category=UserWarning)
 
 
 def _mtq() -> Any:
@@ -72,7 +80,11 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Any]]:
 def quantize_modules(model: nn.Module, quant_cfg: list[dict[str, Any]]) -> nn.Module:
     """Insert modelopt quantizers in place and apply ``quant_cfg``; no calibration."""
     mtq = _mtq()
-    return mtq.quantize(model, {"quant_cfg": quant_cfg, "algorithm": None})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # modelopt prints "Inserted N quantizers" on stdout
+        model = mtq.quantize(model, {"quant_cfg": quant_cfg, "algorithm": None})
+    logger.debug("modelopt: %s", printed.getvalue().strip())
+    return model
 
 
 def set_histogram_calibrator(quantizer: Any, num_bins: int = 2048) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from repquant.io import atomic_write_text
+from repquant.io import atomic_write_bytes, atomic_write_text
 from repquant.quant.metrics import get_metric, metric_names
 from repquant.quant.sensitivity import ModeStats, SensitivityResult
 
@@ -138,25 +138,41 @@ def write_markdown(result: SensitivityResult, path: str | os.PathLike, mode: str
 def write_png(result: SensitivityResult, path: str | os.PathLike, mode: str, metric: str,
               top_k: int = 30) -> Path:
     """Horizontal bar chart of the ``top_k`` most sensitive layers by ``mode`` / ``metric``."""
+    names = result.ranking(mode, metric)[:top_k]
+    values = [getattr(result.layer(n).modes[mode], metric) for n in names]
+    return plot_layer_bars(names, values, path, f"{mode} {metric}",
+                           f"INT8 sensitivity: top {len(names)} layers by {mode} {metric}")
+
+
+def plot_layer_bars(names: Sequence[str], values: Sequence[float], path: str | os.PathLike, x_label: str,
+                    title: str, marked: Sequence[str] = (), marked_label: str = "kept float") -> Path:
+    """Horizontal bars, one per layer in the given order (first on top), ``marked`` layers in another colour;
+    a PNG written atomically at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    names = result.ranking(mode, metric)[:top_k]
-    values = [getattr(result.layer(n).modes[mode], metric) for n in names]
     values = [v if math.isfinite(v) else 0.0 for v in values]
+    colours = ["tab:blue" if n in marked else "tab:red" for n in names]
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(names) + 1.5))
-    ax.barh(range(len(names)), values, color="tab:red")
-    ax.set_yticks(range(len(names)), names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel(f"{mode} {metric}")
-    ax.set_title(f"INT8 sensitivity: top {len(names)} layers by {mode} {metric}")
-    fig.tight_layout()
+    try:
+        ax.barh(range(len(names)), values, color=colours)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(x_label)
+        ax.set_title(title)
+        if marked:
+            ax.legend(handles=[Patch(color="tab:blue", label=marked_label), Patch(color="tab:red", label="INT8")],
+                      loc="lower right")
+        fig.tight_layout()
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=100)
+    finally:
+        plt.close(fig)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

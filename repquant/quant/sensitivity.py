@@ -278,8 +278,8 @@ def rank_layers(layers: Sequence[LayerSensitivity], mode: str, metric: str) -> l
 
 
 def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config: QuantConfig | None = None,
-                      modes: Sequence[str] = MODES, progress: bool = True,
-                      isolated_images: int | None = None) -> SensitivityResult:
+                      modes: Sequence[str] = MODES, progress: bool = True, isolated_images: int | None = None,
+                      calibrated: tuple[nn.Module, QuantPlacement] | None = None) -> SensitivityResult:
     """Sensitivity of every quantizable layer of the float, deployed ``model`` (see module docstring).
 
     Args:
@@ -289,6 +289,8 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
         modes: any of ``isolated``, ``accumulated``, ``local``.
         isolated_images: measure the isolated mode on the first batches holding this many images only
             (its cost is ~#layers suffix passes per image); None: all.
+        calibrated: the calibrated fake-quant copy of ``model`` and its placement when already made
+            (``quantized_copy``), instead of calibrating here.
     """
     start = time.perf_counter()
     config = config or QuantConfig()
@@ -297,7 +299,7 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
     if unknown or not modes:
         raise ValueError(f"layer_sensitivity: modes must be a non-empty subset of {list(MODES)}, got {modes}")
     model = model.eval()
-    qmodel, placement = quantized_copy(model, calib_batches, config)
+    qmodel, placement = calibrated or quantized_copy(model, calib_batches, config)
     set_enabled_layers(qmodel, placement, None)
     calib_time = time.perf_counter() - start
     sweep = _Sweep(model, qmodel, placement, modes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -198,8 +197,8 @@ def _load_safetensors(path: Path, map_location: str) -> tuple[dict[str, torch.Te
 
 
 def _load_torch(path: Path, map_location: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    if zipfile.is_zipfile(path):  # name the offending global instead of torch's weights-only message
-        refuse_foreign_globals(path, pickle_globals(path))
+    # Name the offending global instead of torch's weights-only message (which suggests weights_only=False).
+    refuse_foreign_globals(path, pickle_globals(path))
     try:
         obj = torch_load_weights_only(path, map_location=map_location)
     except Exception as err:  # truncated zip, pickle with code (weights_only refuses it), ...

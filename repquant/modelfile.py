@@ -57,25 +57,43 @@ class ModelSpec:
 
 
 def pickle_globals(path: str | os.PathLike) -> list[str]:
-    """The ``module.name`` globals the pickle of a ``torch.save`` zip file refers to, in order of first use,
-    read with ``pickletools`` (nothing is unpickled)."""
+    """The ``module.name`` globals the pickle of a ``torch.save`` file refers to (zip format, or the legacy and
+    plain-pickle formats: every pickle in the file), in order of first use, read with ``pickletools`` (nothing
+    is unpickled)."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
-            if name is None:
-                raise CheckpointError(f"{path}: torch zip file without data.pkl")
-            data = archive.read(name)
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next((n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"), None)
+                if name is None:
+                    raise CheckpointError(f"{path}: torch zip file without data.pkl")
+                data = archive.read(name)
+        else:
+            data = Path(path).read_bytes()
+            if data.startswith(b"PK"):
+                raise zipfile.BadZipFile("zip signature without a readable archive")
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint ({type(err).__name__})") from None
     found: list[str] = []
     strings: list[str] = []
-    for opcode, arg, _pos in pickletools.genops(data):
-        if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-            strings.append(str(arg))
-        elif opcode.name == "GLOBAL":
-            found.append(str(arg).replace(" ", ".").replace("\n", "."))
-        elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
-            found.append(f"{strings[-2]}.{strings[-1]}")
+    start, parsed = 0, 0
+    # The legacy format is 5 pickles followed by raw storage bytes; a zip's data.pkl and a plain pickle are one.
+    while start < len(data) and data[start] == 0x80 and parsed < 5:  # a pickle (protocol >= 2) starts with PROTO
+        try:
+            ops = list(pickletools.genops(data[start:]))
+        except ValueError as err:  # not a pickle, or a torn one
+            if parsed:
+                break  # raw storage bytes after the pickles of a legacy file
+            raise CheckpointError(f"{path}: corrupt or truncated torch checkpoint (pickle: {err})") from None
+        for opcode, arg, _pos in ops:
+            if opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(str(arg))
+            elif opcode.name == "GLOBAL":
+                found.append(str(arg).replace(" ", ".").replace("\n", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                found.append(f"{strings[-2]}.{strings[-1]}")
+        start, parsed = start + int(ops[-1][2] or 0) + 1, parsed + 1
+    if not parsed:
+        raise CheckpointError(f"{path}: not a torch checkpoint (no pickle found)")
     return list(dict.fromkeys(found))
 
 

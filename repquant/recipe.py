@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -27,6 +28,48 @@ import yaml
 from repquant.errors import RecipeError
 
 T = TypeVar("T")
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's float rule: PyYAML follows YAML 1.1, which needs a dot and a
+    signed exponent, so ``1e-3`` (how every YOLO recipe writes a learning rate), ``1E5`` or ``.5e1`` would
+    come back as strings."""
+
+
+_FLOAT_12 = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+_Yaml12Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+                                          for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+# Integers keep their own (earlier) resolver: "3" stays an int, "3.0" and "1e-3" become floats.
+for _first in "-+0123456789":
+    _resolvers = _Yaml12Loader.yaml_implicit_resolvers[_first]
+    _resolvers.sort(key=lambda pair: pair[0] != "tag:yaml.org,2002:int")
+
+
+def yaml_load(text: str) -> Any:
+    """Parse YAML as repquant reads every file and ``--set`` value: safe, with YAML 1.2 floats."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(err: Exception) -> str:
+    """A YAML error in a few words with its line (``line 3: expected ',' or ']', but got ':'``)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or type(err).__name__
+    return f"line {mark.line + 1}: {problem}" if mark is not None else str(problem)
+
+
+def suggest(name: str, choices: list[str] | tuple[str, ...] | set[str]) -> str | None:
+    """The field a user most likely meant by ``name``: a field that extends it (``lr`` -> ``lr0``) before a
+    merely similar one (difflib)."""
+    options = sorted(choices)
+    extending = [c for c in options if c.startswith(name) and len(c) - len(name) <= 2]
+    if extending:
+        return min(extending, key=len)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def load_recipe(path: str | os.PathLike, schema: type[T]) -> T:
@@ -43,7 +86,7 @@ def load_recipe(path: str | os.PathLike, schema: type[T]) -> T:
     except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe ({err})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -110,8 +153,8 @@ def _convert_dataclass(data: Any, schema: type, source: str, key: str) -> Any:
     hints = typing.get_type_hints(schema)
     for name in data:
         if name not in fields:
-            close = difflib.get_close_matches(str(name), list(fields), n=1, cutoff=0.6)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(fields)})"
+            close = suggest(str(name), list(fields))
+            hint = f" (did you mean {close!r}?)" if close else f" (valid keys: {', '.join(fields)})"
             raise RecipeError(f"{source}: unknown key {_join(key, str(name))!r}{hint}")
     kwargs = {}
     for name, field in fields.items():

@@ -168,7 +168,7 @@ def test_truncated_file_is_one_line_naming_it(tmp_path: Path, model: torch.nn.Mo
         (None, "no such checkpoint file"),
         (b"", "not a safetensors or torch checkpoint"),
         (b"name: yolov6n\nepochs: 3\n", "not a safetensors or torch checkpoint"),
-        (b"PK\x03\x04garbage", "unreadable torch checkpoint"),
+        (b"PK\x03\x04garbage", "corrupt or truncated torch checkpoint"),
     ],
 )
 def test_unreadable_files(tmp_path: Path, content: bytes | None, expected: str) -> None:

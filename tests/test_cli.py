@@ -89,7 +89,7 @@ def test_export_from_checkpoint(runner: CliRunner, tmp_path: Path) -> None:
     assert result.stdout.startswith(f"wrote {out} (")
     detector = OrtDetector(out)
     assert detector.img_size == (64, 64) and detector.num_classes == 2 and detector.batch_size is None
-    result = runner.invoke(cli, [*args, "--num-classes", "80"])
+    result = runner.invoke(cli, [*args, "--num-classes", "80", "--overwrite"])
     assert result.exit_code == 1
     assert result.stderr.startswith(
         f"error: {ckpt}: checkpoint is yolov6n (num_classes 2), expected num_classes 80"

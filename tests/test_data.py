@@ -214,7 +214,7 @@ def test_yaml_root_relative_to_project_root(tmp_path, monkeypatch):
             "test: {images: images/train, annotations: x.json}\n",
             "'test' annotation file",
         ),
-        ("train: [images/train\n", "cannot read dataset YAML"),
+        ("train: [images/train\n", "invalid YAML, line 2"),
         ("- a\n- b\n", "expected a mapping at the top level"),
     ],
 )

@@ -165,7 +165,7 @@ def test_bad_inputs(tmp_path: Path, nano) -> None:
         OrtDetector(tmp_path / "absent.onnx")
     corrupt = tmp_path / "corrupt.onnx"
     corrupt.write_bytes(b"\x08\x07garbage" * 10)
-    with pytest.raises(CheckpointError, match=f"^{corrupt}: ONNX Runtime cannot load the model"):
+    with pytest.raises(CheckpointError, match=f"^{corrupt}: not a readable ONNX model"):
         OrtDetector(corrupt)
     with pytest.raises(CheckpointError, match=f"^{corrupt}: "):
         read_onnx_metadata(corrupt)

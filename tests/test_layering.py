@@ -11,9 +11,9 @@ PKG = Path(__file__).resolve().parents[1] / "repquant"
 
 # Lower rank may never import higher rank. Same rank may import each other, except the pairs in PEERS.
 RANK = {
-    "errors": 0, "io": 0, "recipe": 0, "vocab": 0,
+    "errors": 0, "io": 0, "recipe": 0, "vocab": 0, "outputs": 0,
     "ops": 1, "reparam": 1,
-    "models": 2, "checkpoint": 2, "modelfile": 2, "official": 2,
+    "models": 2, "checkpoint": 2, "modelfile": 2, "official": 2, "provenance": 2,
     "data": 3,
     "train": 4, "eval": 4, "quant": 4,
     "deploy": 5,

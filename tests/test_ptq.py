@@ -122,14 +122,22 @@ def test_keep_float_from_sensitivity_json(tmp_path: Path) -> None:
 
 
 def test_ptq_cli_with_sensitivity_json(data_yaml: Path, tmp_path: Path) -> None:
+    from repquant.checkpoint import save_checkpoint
+    from repquant.data import load_data_config
+    from repquant.models import create_model
+
+    # One model for both commands: the JSON records the weights it was measured on and ptq checks them (a
+    # registry name would be a fresh random model each time).
+    model = str(save_checkpoint(tmp_path / "m.safetensors", create_model("yolov6n",
+                                                                         num_classes=load_data_config(data_yaml).nc)))
     sens = tmp_path / "sens"
     runner = CliRunner()
-    res = runner.invoke(cli, ["sensitivity", "--model", "yolov6n", "--data", str(data_yaml), "--calib-images", "4",
+    res = runner.invoke(cli, ["sensitivity", "--model", model, "--data", str(data_yaml), "--calib-images", "4",
                               "--img-size", "64", "--isolated-images", "2", "--output", str(sens)])
     assert res.exit_code == 0, res.output
     ranking = json.loads((sens / "sensitivity.json").read_text())["rankings"]["local"]["snr_db"]
     out = tmp_path / "int8.onnx"
-    res = runner.invoke(cli, ["ptq", "--model", "yolov6n", "--data", str(data_yaml), "--keep-float", "3",
+    res = runner.invoke(cli, ["ptq", "--model", model, "--data", str(data_yaml), "--keep-float", "3",
                               "--sensitivity", str(sens / "sensitivity.json"), "--mode", "local", "--metric", "snr",
                               "--calib-images", "4", "--img-size", "64", "--output", str(out)])
     assert res.exit_code == 0, res.output

@@ -227,7 +227,7 @@ def test_resume_without_checkpoint_and_overwrite_are_refused(tmp_path: Path, dat
         train(config, resume=True)
     (tmp_path / "run" / "weights").mkdir(parents=True)
     (tmp_path / "run" / "weights" / "last.pt").write_bytes(b"")
-    with pytest.raises(CheckpointError, match="a training run is already there; resume it"):
+    with pytest.raises(RepquantError, match=r"holds a previous run \(weights/last.pt\); pass --exist-ok"):
         train(config)
 
 

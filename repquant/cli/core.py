@@ -9,6 +9,7 @@ FILE`` (a recipe YAML with only what differs), and ``--set key=value`` overrides
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import os
 import sys
@@ -39,9 +40,20 @@ class Group(click.Group):
         except (RepquantError, OSError) as err:
             if debug_enabled(ctx):
                 raise
-            message = " ".join(str(err).split()) or type(err).__name__
-            click.echo(f"error: {message}", err=True)
+            click.echo(f"error: {describe_error(err)}", err=True)
             ctx.exit(1)
+
+
+def describe_error(err: Exception) -> str:
+    """One line for an error: a RepquantError's own message; an OS error as ``<path>: <what went wrong>``,
+    naming the path that failed (and why a path under a file cannot be created)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        path = os.fsdecode(err.filename)
+        reason = {errno.ENOTDIR: "a component of this path is a file, not a folder",
+                  errno.EEXIST: "exists and is not a folder",
+                  errno.EACCES: "permission denied", errno.ENOSPC: "no space left on the device"}
+        return f"{path}: {reason.get(err.errno or 0, err.strerror or type(err).__name__)}"
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -83,15 +95,16 @@ def default(schema: type, name: str) -> Any:
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``key=value`` pairs from ``--set``; values are parsed as YAML scalars (``epochs=3``, ``ema=false``)."""
-    import yaml
+    """``key=value`` pairs from ``--set``; values are parsed as YAML scalars (``epochs=3``, ``ema=false``,
+    ``lr0=1e-3``)."""
+    from repquant.recipe import yaml_load
 
     overrides: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise click.BadParameter(f"expected key=value, got {pair!r}", param_hint="--set")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = yaml_load(value)
     return overrides
 
 

@@ -61,6 +61,7 @@ def info(ctx: click.Context, as_json: bool, **options: Any) -> None:
               help="ONNX opset.")
 @click.option("--num-classes", type=click.IntRange(min=1), default=None, help=NUM_CLASSES_HELP)
 @click.option("--raw", is_flag=True, help="Export raw cls_logits/reg_dist instead of decoded boxes/scores.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
 @with_config
 @click.pass_context
 def export(ctx: click.Context, **options: Any) -> None:
@@ -77,13 +78,14 @@ def export(ctx: click.Context, **options: Any) -> None:
 @cli.command()
 @click.argument("model", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", type=click.Path(dir_okay=False), required=True, help="repquant checkpoint to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
 @click.pass_context
-def convert(ctx: click.Context, model: str, output: str) -> None:
+def convert(ctx: click.Context, model: str, output: str, overwrite: bool) -> None:
     """An official meituan/YOLOv6 .pt as a repquant checkpoint (read safely; source sha256 and naming recorded)."""
     setup_torch(ctx)
     from repquant.tasks import convert as task
 
-    result = task.run(ConvertConfig(model, Path(output)))
+    result = task.run(ConvertConfig(model, Path(output), overwrite))
     click.echo(f"wrote {result.path}: {result.report.summary()}")
 
 
@@ -133,6 +135,7 @@ def eval_cmd(ctx: click.Context, as_json: bool, **options: Any) -> None:
 @click.option("--compare-train-form", is_flag=True, help="torch: also time the train-form model.")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--output-md", type=click.Path(dir_okay=False), default=None)
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
 @with_config
 @click.pass_context
 def bench(ctx: click.Context, **options: Any) -> None:
@@ -154,10 +157,14 @@ def bench(ctx: click.Context, **options: Any) -> None:
 @click.option("--precision", type=click.Choice(["int8", "fp16", "fp32"]), default="int8", show_default=True)
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None)
 @click.option("--workspace-mb", type=click.IntRange(min=64), default=4096, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace the engine file if it exists (never an input).")
 def build_engine_cmd(onnx_path: str, engine_path: str | None, batch_sizes: tuple[int, ...], precision: str,
-                     timing_cache: str | None, workspace_mb: int) -> None:
+                     timing_cache: str | None, workspace_mb: int, overwrite: bool) -> None:
     """Build a TensorRT engine from an ONNX (INT8 from its Q/DQ nodes); needs repquant[tensorrt] and a GPU."""
     from repquant.deploy.tensorrt import build_engine
+    from repquant.outputs import check_output_file
+
+    check_output_file(engine_path or Path(onnx_path).with_suffix(".engine"), [onnx_path, timing_cache], overwrite)
 
     built = build_engine(onnx_path, engine_path or str(Path(onnx_path).with_suffix(".engine")), precision=precision,
                          batch_sizes=batch_sizes, workspace_mb=workspace_mb, timing_cache=timing_cache)

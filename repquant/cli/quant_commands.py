@@ -66,6 +66,7 @@ _DATA = click.option("--data", type=click.Path(exists=True, dir_okay=False),
               callback=check_img_size)
 @click.option("--output", "-o", "output_dir", default=str(default(ActStatsConfig, "output_dir")), show_default=True,
               type=click.Path(file_okay=False))
+@click.option("--exist-ok", is_flag=True, help="Replace the results of an earlier run in the output folder.")
 @with_config
 @click.pass_context
 def act_stats_cmd(ctx: click.Context, **options: Any) -> None:
@@ -95,14 +96,16 @@ def act_stats_cmd(ctx: click.Context, **options: Any) -> None:
               help="mAP drop on val of each metric's top K layers quantized alone, with Spearman correlations.")
 @click.option("--output", "-o", "output_dir", default=str(default(SensitivityConfig, "output_dir")),
               show_default=True, type=click.Path(file_okay=False))
+@click.option("--exist-ok", is_flag=True, help="Replace the results of an earlier run in the output folder.")
+@click.option("--resume", is_flag=True, help="Continue the interrupted sweep in the output folder.")
 @with_config
 @click.pass_context
-def sensitivity_cmd(ctx: click.Context, **options: Any) -> None:
+def sensitivity_cmd(ctx: click.Context, resume: bool, **options: Any) -> None:
     """Per-layer INT8 sensitivity (MSE, SNR in dB, cosine; isolated / accumulated / local)."""
     setup_torch(ctx)
     from repquant.tasks import sensitivity as task
 
-    report = task.run(build_config(ctx, SensitivityConfig, options, rename={"metric": "metrics"}))
+    report = task.run(build_config(ctx, SensitivityConfig, options, rename={"metric": "metrics"}), resume=resume)
     click.echo(report.summary())
     click.echo("wrote " + ", ".join(str(p) for p in report.paths.values()))
 
@@ -131,6 +134,7 @@ def _keep_float(ctx: click.Context, param: click.Parameter, value: str) -> int |
               show_default=True, help="Type of the keep-float convs in the file (fp16 for TensorRT 11 strongly "
                                       "typed networks).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False), help="QDQ ONNX file to write.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
 @with_config
 @click.pass_context
 def ptq_cmd(ctx: click.Context, **options: Any) -> None:
@@ -177,6 +181,7 @@ def ptq_cmd(ctx: click.Context, **options: Any) -> None:
               help="auto, cpu, cuda, cuda:1 (torchrun: per rank).")
 @click.option("--workers", type=click.IntRange(min=0), default=default(QATConfig, "workers"), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue the run whose state is <output>.state.pt.")
+@click.option("--overwrite", is_flag=True, help="Replace the output file if it exists (never an input).")
 @click.option("--output", "-o", type=click.Path(dir_okay=False),
               help="Quantized checkpoint to write (.safetensors); `repquant export` turns it into QDQ ONNX.")
 @with_config

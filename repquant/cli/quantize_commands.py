@@ -55,6 +55,7 @@ _RENAME = {"metric": "ranking_metric", "mode": "ranking_mode", "batch": "batch_s
               show_default=True, help="Batch sizes timed (repeatable): the first is the latency batch.")
 @click.option("--bench-warmup", type=click.IntRange(min=0), default=default(_Q, "bench_warmup"), show_default=True)
 @click.option("--bench-iters", type=click.IntRange(min=1), default=default(_Q, "bench_iters"), show_default=True)
+@click.option("--exist-ok", is_flag=True, help="Write into a non-empty folder that is not a quantize run.")
 @click.option("--bench-min-seconds", type=click.FloatRange(min=0), default=default(_Q, "bench_min_seconds"),
               show_default=True, help="Keep timing each batch size until this much timed work has passed.")
 @with_config

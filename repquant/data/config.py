@@ -11,6 +11,7 @@ from typing import Any
 import yaml
 
 from repquant.errors import DataError
+from repquant.recipe import yaml_load, yaml_problem
 
 logger = logging.getLogger(__name__)
 
@@ -135,10 +136,12 @@ def load_data_config(path: str | Path) -> DataConfig:
     ``names``); any problem raises ``DataError`` naming the file."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml_load(path.read_text())
     except FileNotFoundError as err:
         raise DataError(f"{path}: dataset YAML not found") from err
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        raise DataError(f"{path}: invalid YAML, {yaml_problem(err)}") from err
+    except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: cannot read dataset YAML ({' '.join(str(err).split())})") from err
     return data_config_from_dict(raw, path.resolve().parent, source=str(path))
 

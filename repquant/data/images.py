@@ -1,9 +1,12 @@
 """Image decoding and resizing: the only place that touches image files.
 
 Images are handled as ``np.ndarray (H, W, 3) uint8 RGB``. Decoding goes through PIL with the EXIF
-orientation applied (phone photos store a rotation tag instead of rotated pixels) and every mode
-(L, P, RGBA, CMYK, I;16 ...) converted to RGB. A corrupt or truncated file raises ``DataError``
-naming it, instead of the silent gray fill some loaders fall back to.
+orientation applied (phone photos store a rotation tag instead of rotated pixels) and every supported mode
+converted to RGB: 1, L, P (palette, with or without transparency), LA, RGBA, RGBX, CMYK, YCbCr, and 16-bit
+grayscale (I;16*, and I with values in 0..65535) scaled to 8 bits by its high byte; PIL's own conversion
+clips 16-bit values at 255, which turns a 16-bit PNG white. Other modes (F, LAB, HSV, 32-bit I) are refused.
+A corrupt or truncated file raises ``DataError`` naming it, instead of the silent gray fill some loaders
+fall back to.
 
 Resizing uses PIL bilinear everywhere (letterbox, mosaic tiles, synthetic data) so that training,
 evaluation and calibration see the same interpolation.
@@ -31,10 +34,7 @@ def _open_rgb(path: Path) -> Image.Image:
             warnings.simplefilter("ignore")
             with Image.open(path) as opened:
                 opened.load()  # decode every byte now: a truncated JPEG fails here, not mid-training
-                img: Image.Image = ImageOps.exif_transpose(opened)
-                if img.mode != "RGB":
-                    # L, P, RGBA, CMYK ...: convert (alpha is dropped, as cv2.imread does).
-                    img = img.convert("RGB")
+                img: Image.Image = _to_rgb(ImageOps.exif_transpose(opened), path)
     except FileNotFoundError as err:
         raise DataError(f"{path}: image file not found") from err
     except _DECODE_ERRORS as err:
@@ -42,6 +42,28 @@ def _open_rgb(path: Path) -> Image.Image:
     if img.width < 2 or img.height < 2:
         raise DataError(f"{path}: image is {img.width}x{img.height} pixels, too small")
     return img
+
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_CONVERTIBLE_MODES = ("1", "L", "P", "LA", "PA", "RGBA", "RGBX", "RGBa", "La", "CMYK", "YCbCr")
+
+
+def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+    """``img`` as 8-bit RGB (alpha dropped, as cv2.imread does); DataError for modes with no faithful mapping."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES or img.mode == "I":
+        values = np.asarray(img).astype(np.int64)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise DataError(f"{path}: {img.mode} image with values outside 0..65535 (32-bit integer pixels are "
+                            "not supported; save it as 8- or 16-bit)")
+        gray = (values >> 8).astype(np.uint8)  # 16 -> 8 bits: the high byte, as OpenCV's IMREAD_COLOR does
+        return Image.fromarray(np.repeat(gray[..., None], 3, axis=2))
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # PIL warns when a transparent palette goes straight to RGB
+    if img.mode in _CONVERTIBLE_MODES or img.mode == "RGBA":
+        return img.convert("RGB")
+    raise DataError(f"{path}: image mode {img.mode} is not supported (convert it to 8-bit RGB or grayscale)")
 
 
 def load_image(path: str | Path) -> np.ndarray:

@@ -159,10 +159,40 @@ def _load_json(path: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: cannot read COCO json ({err})") from err
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: COCO json must be an object with images, annotations and categories")
     missing = [k for k in ("images", "annotations", "categories") if not isinstance(data.get(k), list)]
     if missing:
         raise DataError(f"{path}: COCO json has no {missing[0]!r} list")
+    for section, fields in _COCO_FIELDS.items():
+        for i, entry in enumerate(data[section]):
+            _check_coco_entry(entry, fields, f"{path} {section}[{i}]")
     return data
+
+
+_NUMBER = (int, float)
+_COCO_FIELDS: dict[str, dict[str, Any]] = {
+    "categories": {"id": int},
+    "images": {"id": int, "file_name": str, "height": int, "width": int},
+    "annotations": {"image_id": int, "category_id": int, "bbox": list},
+}
+
+
+def _check_coco_entry(entry: Any, fields: dict[str, Any], where: str) -> None:
+    """Every field COCO loading reads, present and of its type (a bbox: four numbers)."""
+    if not isinstance(entry, dict):
+        raise DataError(f"{where}: expected an object, got {type(entry).__name__}")
+    if "id" in entry:
+        where = f"{where.rsplit('[', 1)[0]} id {entry['id']}"
+    for key, kind in fields.items():
+        value = entry.get(key)
+        if value is None or isinstance(value, bool) or not isinstance(value, kind):
+            raise DataError(f"{where}: {'missing' if value is None else 'bad'} field {key!r} "
+                            f"(expected {kind.__name__}, got {value!r:.40})")
+    bbox = entry.get("bbox")
+    if bbox is not None and (len(bbox) != 4 or not all(isinstance(v, _NUMBER) and not isinstance(v, bool)
+                                                        for v in bbox)):
+        raise DataError(f"{where}: bbox must be [x, y, width, height] numbers, got {bbox!r:.60}")
 
 
 def scan_coco(images_dir: Path, json_path: Path, nc: int) -> tuple[list[_Record], ScanStats]:

@@ -137,15 +137,9 @@ def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
     "decoded": bool}``; raises :class:`CheckpointError` for a missing/corrupt file or one that was
     not written by :func:`export_onnx`.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such ONNX file")
-    try:
-        proto = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception as err:  # protobuf DecodeError and friends
-        raise CheckpointError(
-            f"{path}: not a valid ONNX model ({' '.join(str(err).split())[:200]})"
-        ) from None
+    from repquant.deploy.onnx_file import load_onnx_graph
+
+    proto = load_onnx_graph(path)
     return decode_onnx_metadata({p.key: p.value for p in proto.metadata_props}, path)
 
 
@@ -184,8 +178,7 @@ def _simplify(proto: onnx.ModelProto) -> onnx.ModelProto:
 def onnx_has_qdq(onnx_path: str | os.PathLike) -> bool:
     """Whether the ONNX graph holds QuantizeLinear/DequantizeLinear nodes (explicit quantization); the graph
     only, external weights are not read. An unreadable file raises ``CheckpointError`` naming it."""
-    try:
-        proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
-    except Exception as err:  # protobuf DecodeError, OSError: no common base class
-        raise CheckpointError(f"{onnx_path}: not a readable ONNX file ({type(err).__name__})") from None
+    from repquant.deploy.onnx_file import load_onnx_graph
+
+    proto = load_onnx_graph(onnx_path)
     return any(node.op_type in ("QuantizeLinear", "DequantizeLinear") for node in proto.graph.node)

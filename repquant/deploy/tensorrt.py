@@ -86,7 +86,9 @@ def onnx_has_fp16_weights(onnx_path: str | os.PathLike) -> bool:
     """Whether any initializer of the ONNX graph is float16 (needed for FP16 under strong typing)."""
     import onnx
 
-    proto = onnx.load(os.fspath(onnx_path), load_external_data=False)
+    from repquant.deploy.onnx_file import load_onnx_graph
+
+    proto = load_onnx_graph(onnx_path)
     return any(init.data_type == onnx.TensorProto.FLOAT16 for init in proto.graph.initializer)
 
 

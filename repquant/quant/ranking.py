@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from repquant.errors import CalibrationError
 from repquant.eval import evaluate
 from repquant.models import DecodedDetector
+from repquant.provenance import check_identity, model_identity
 from repquant.quant.config import QuantConfig
 from repquant.quant.metrics import get_metric
 from repquant.quant.placement import QuantPlacement
@@ -88,13 +89,19 @@ def map_check(model: nn.Module, qmodel: nn.Module, placement: QuantPlacement, da
 # --- keep-float rankings --------------------------------------------------------------------------------
 
 
-def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str) -> tuple[str, ...]:
-    """The first ``k`` layers of ``rankings[mode][metric]`` in a ``repquant sensitivity`` JSON."""
+def keep_float_from_sensitivity(path: str | os.PathLike, k: int, mode: str, metric: str,
+                                identity: dict[str, Any] | None = None) -> tuple[str, ...]:
+    """The first ``k`` layers of ``rankings[mode][metric]`` in a ``repquant sensitivity`` JSON; with
+    ``identity`` (``repquant.provenance.model_identity`` of the model it is used with) the JSON must have been
+    measured on that model."""
     path = Path(path)
     try:
-        rankings = json.loads(path.read_text())["rankings"]
-    except (OSError, ValueError, KeyError) as err:
+        doc = json.loads(path.read_text())
+        rankings = doc["rankings"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
         raise CalibrationError(f"{path}: not a repquant sensitivity JSON ({type(err).__name__}: {err})") from None
+    if identity is not None:
+        check_identity(doc.get("model_identity"), identity, str(path), "the sensitivity ranking")
     if mode not in rankings or metric not in rankings[mode]:
         have = [f"{m}/{k}" for m, per in rankings.items() for k in per]
         raise CalibrationError(f"{path}: no ranking {mode}/{metric}; it has {', '.join(have)}")
@@ -127,7 +134,8 @@ def rank_keep_float(model: nn.Module, batches: Sequence[Tensor], config: QuantCo
     if k == 0:
         return ()
     if ranking.sensitivity_json is not None:
-        return keep_float_from_sensitivity(ranking.sensitivity_json, k, ranking.mode, ranking.metric)
+        identity = model_identity(model, int(batches[0].shape[-1]) if batches else None)
+        return keep_float_from_sensitivity(ranking.sensitivity_json, k, ranking.mode, ranking.metric, identity)
     logger.info("measuring %s sensitivity to rank keep-float layers", ranking.label)
     result = layer_sensitivity(model, batches, config, modes=(ranking.mode,), progress=progress,
                                isolated_images=ranking.isolated_images)

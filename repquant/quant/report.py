@@ -2,8 +2,9 @@
 
 JSON schema (``write_json``)::
 
-    {"model", "metric_definitions", "calibration": {...}, "wall_time_s", "timings_s", "num_images",
-     "isolated_images", "output_error": {...},
+    {"model", "model_identity": {"variant", "num_classes", "weights_sha256", "img_size"},
+     "metric_definitions", "calibration": {...}, "wall_time_s", "timings_s", "num_images", "isolated_images",
+     "output_error": {...},
      "layers": [{"name", "kind", "isolated": {"mse", "snr_db", "cosine", "signal_power",
                  "num_elements"}, "accumulated": {...}, "local": {...}, "extras": {...}}],
      "rankings": {mode: {metric: [layer names, most sensitive first]}}, "map_check": {...} | null}
@@ -52,8 +53,9 @@ def _stats(s: ModeStats) -> dict[str, Any]:
 
 
 def result_to_dict(result: SensitivityResult, model: str, calibration: dict[str, Any],
-                   map_check: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The JSON document (see the module docstring)."""
+                   map_check: dict[str, Any] | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document (see the module docstring); ``identity``: ``provenance.model_identity`` of the model
+    measured, which ``ptq`` / ``qat --sensitivity`` check against the model they quantize."""
     layers = []
     for ly in result.layers:
         row: dict[str, Any] = {"name": ly.name, "kind": ly.kind}
@@ -63,6 +65,7 @@ def result_to_dict(result: SensitivityResult, model: str, calibration: dict[str,
     cfg = result.config
     return {
         "model": model,
+        "model_identity": identity,
         "metric_definitions": metric_definitions(),
         "calibration": {**calibration, "calib_method": cfg.calib_method, "percentile": cfg.percentile,
                         "keep_float_layers": list(cfg.keep_float_layers)},

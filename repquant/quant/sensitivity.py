@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import copy
 import functools
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -41,7 +43,10 @@ from repquant.quant.config import QuantConfig
 from repquant.quant.graph_runner import GraphRunner, Substitute, function_of
 from repquant.quant.metrics import ErrorAccumulator, TorchErrorAccumulator, get_metric, metric_names, metric_values
 from repquant.quant.placement import QuantPlacement, find_placement, residual_skip, skip_quantizer_name
+from repquant.quant.sensitivity_progress import SweepProgress, sweep_key
 from repquant.vocab import MODES
+
+logger = logging.getLogger(__name__)
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -279,7 +284,8 @@ def rank_layers(layers: Sequence[LayerSensitivity], mode: str, metric: str) -> l
 
 def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config: QuantConfig | None = None,
                       modes: Sequence[str] = MODES, progress: bool = True, isolated_images: int | None = None,
-                      calibrated: tuple[nn.Module, QuantPlacement] | None = None) -> SensitivityResult:
+                      calibrated: tuple[nn.Module, QuantPlacement] | None = None,
+                      resume_file: Path | None = None) -> SensitivityResult:
     """Sensitivity of every quantizable layer of the float, deployed ``model`` (see module docstring).
 
     Args:
@@ -291,6 +297,8 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
             (its cost is ~#layers suffix passes per image); None: all.
         calibrated: the calibrated fake-quant copy of ``model`` and its placement when already made
             (``quantized_copy``), instead of calibrating here.
+        resume_file: progress file (``sensitivity_progress.SweepProgress``): written after every batch,
+            resumed from when it holds this sweep; the caller removes it once the results are written.
     """
     start = time.perf_counter()
     config = config or QuantConfig()
@@ -303,14 +311,22 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
     set_enabled_layers(qmodel, placement, None)
     calib_time = time.perf_counter() - start
     sweep = _Sweep(model, qmodel, placement, modes)
+    saved = None
+    if resume_file is not None:
+        saved = SweepProgress(resume_file, sweep_key(calib_batches, modes, isolated_images, repr(config)))
+    done, seen, iso_seen = _resume(saved, sweep, qmodel)
     device = _device(model)
-    seen = iso_seen = 0
     with torch.no_grad():
-        for batch in tqdm(calib_batches, desc="sensitivity", disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(calib_batches, desc="sensitivity", disable=not progress, leave=False,
+                                       initial=done)):
+            if i < done:
+                continue  # measured before the interruption
             isolated = isolated_images is None or iso_seen < isolated_images
             sweep.step(batch.to(device), isolated)
             seen += len(batch)
             iso_seen += len(batch) if isolated else 0
+            if saved is not None:
+                saved.save(sweep, qmodel, i + 1, seen, iso_seen)
     layers = tuple(
         LayerSensitivity(
             ly.name, ly.kind, {m: ModeStats.from_accumulator(sweep.acc[ly.name, m]) for m in modes},
@@ -324,6 +340,18 @@ def layer_sensitivity(model: nn.Module, calib_batches: Sequence[Tensor], config:
     timings = {"calibrate": calib_time, **sweep.timings}
     return SensitivityResult(layers, modes, rankings, output_error, seen, iso_seen if "isolated" in modes else 0,
                              config, time.perf_counter() - start, timings)
+
+
+def _resume(saved: SweepProgress | None, sweep: _Sweep, qmodel: nn.Module) -> tuple[int, int, int]:
+    """(batches done, images seen, isolated images seen) restored from ``saved``, or zeros."""
+    state = saved.load(sweep, qmodel) if saved is not None else None
+    if state is None:
+        if saved is not None:
+            saved.remove()  # a half-started sweep (amax written, no batch done) starts over
+        return 0, 0, 0
+    logger.info("sensitivity: resuming after batch %d (%d images measured) from %s", state[0], state[1],
+                saved.path)  # type: ignore[union-attr]
+    return state
 
 
 def _extras(sweep: _Sweep, name: str, kind: str) -> dict[str, float | None]:

@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Subset
 
 from repquant.data import DetectionDataset, load_data_config
 from repquant.deploy.resolve import open_model
+from repquant.outputs import check_run_folder
 from repquant.quant.act_stats import activation_stats, write_stats
 from repquant.tasks.config import ActStatsConfig
 
@@ -24,6 +25,7 @@ class ActStatsResult:
 
 def run(cfg: ActStatsConfig) -> ActStatsResult:
     """Write ``act_stats.json`` and ``act_stats.md`` under ``cfg.output_dir``."""
+    check_run_folder(cfg.output_dir, ["act_stats.json"], cfg.exist_ok)
     data = load_data_config(cfg.data)
     model = open_model(cfg.model).deployed_model(num_classes=data.nc)
     dataset = DetectionDataset(data, cfg.split, img_size=cfg.img_size, augment=False)

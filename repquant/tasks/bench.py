@@ -19,6 +19,7 @@ from repquant.deploy.timing import TimingPlan, environment_info, reparam_speedup
 from repquant.errors import RepquantError
 from repquant.io import atomic_write_text
 from repquant.modelfile import ModelKind
+from repquant.outputs import check_output_file
 from repquant.reparam import is_deployed
 from repquant.tasks.config import BenchConfig
 
@@ -53,6 +54,9 @@ def _train_form_results(cfg: BenchConfig, handle: ModelHandle) -> list[BenchResu
 
 def run(cfg: BenchConfig) -> BenchReport:
     """Measure ``cfg.model`` on ``cfg.backend``; write the JSON/Markdown reports when asked."""
+    for output in (cfg.output_json, cfg.output_md):
+        if output is not None:
+            check_output_file(output, [cfg.model], cfg.overwrite)
     handle = open_model(cfg.model)
     old_threads = torch.get_num_threads()
     if cfg.threads is not None:

@@ -65,6 +65,7 @@ class ExportConfig:
     opset: int = 17
     num_classes: int | None = None
     raw: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -91,6 +92,7 @@ class BenchConfig:
     compare_train_form: bool = False
     output_json: Path | None = None
     output_md: Path | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -151,6 +153,7 @@ class ConvertConfig:
 
     model: str
     output: Path
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()

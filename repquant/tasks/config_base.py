@@ -91,12 +91,16 @@ def load_task_config(path: str | os.PathLike | None, schema: type[T], overrides:
 def _recipe_mapping(path: str | os.PathLike) -> dict[str, Any]:
     import yaml
 
+    from repquant.recipe import yaml_load, yaml_problem
+
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise RecipeError(f"{path}: no such recipe file") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML, {yaml_problem(err)}") from None
+    except (OSError, UnicodeDecodeError) as err:
         raise RecipeError(f"{path}: cannot read recipe ({type(err).__name__})") from None
     if data is None:
         return {}

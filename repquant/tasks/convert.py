@@ -11,6 +11,7 @@ from repquant.checkpoint import save_checkpoint
 from repquant.errors import CheckpointError
 from repquant.modelfile import ModelKind, identify
 from repquant.official import MappingReport, convert_official
+from repquant.outputs import check_output_file
 from repquant.tasks.config import ConvertConfig
 
 __all__ = ["ConvertConfig", "ConvertResult", "run"]
@@ -28,8 +29,7 @@ def run(cfg: ConvertConfig) -> ConvertResult:
     spec = identify(cfg.model)
     if spec.kind is not ModelKind.OFFICIAL:
         raise CheckpointError(f"{cfg.model}: a {spec.kind.value}, not an official YOLOv6 checkpoint")
-    if Path(cfg.output).resolve() == Path(cfg.model).resolve():
-        raise CheckpointError(f"{cfg.output}: the output would overwrite the input")
+    check_output_file(cfg.output, [cfg.model], cfg.overwrite)
     converted = convert_official(cfg.model)
     report, official = converted.report, converted.official
     metadata = {

@@ -64,11 +64,23 @@ def run(cfg: EvalConfig, progress: bool = True) -> EvalReport:
     options = RunnerOptions(precision=_precision(handle), threads=cfg.threads, img_size=size, device="cpu")
     runner = open_runner(handle, backend, options, deployed=False)  # torch: evaluate the model as stored
     img_size = _img_size(cfg, handle, runner)
-    dataset = DetectionDataset(load_data_config(cfg.data), cfg.split, img_size=img_size, augment=False)
+    data = load_data_config(cfg.data)
+    _check_classes(handle, runner, data.nc, cfg.data)
+    dataset = DetectionDataset(data, cfg.split, img_size=img_size, augment=False)
     batch_size = runner.batch_size or cfg.batch_size
     result = evaluate(runner, dataset, batch_size=batch_size, conf_thres=cfg.conf_thres, iou_thres=cfg.iou_thres,
                       progress=progress)
     return EvalReport(cfg, result, img_size, backend)
+
+
+def _check_classes(handle: ModelHandle, runner: Any, data_classes: int, data_yaml: Any) -> None:
+    """A model scored against a dataset with another class count gives a meaningless mAP: refuse it (a registry
+    name is a fresh model, checked by the caller's intent, not by a file)."""
+    model_classes = getattr(runner, "num_classes", None)
+    if handle.kind is ModelKind.REGISTRY or model_classes is None or model_classes == data_classes:
+        return
+    raise CheckpointError(f"{handle.spec}: predicts {model_classes} classes but {data_yaml} has {data_classes}; "
+                          "evaluate it on a dataset with the same classes")
 
 
 def _precision(handle: ModelHandle) -> str:

@@ -11,6 +11,7 @@ from repquant.deploy.qdq import export_quantized_checkpoint
 from repquant.deploy.resolve import open_model
 from repquant.errors import RecipeError
 from repquant.modelfile import ModelKind
+from repquant.outputs import check_output_file
 from repquant.tasks.config import ExportConfig
 
 __all__ = ["ExportConfig", "ExportResult", "run"]
@@ -30,6 +31,7 @@ class ExportResult:
 
 def run(cfg: ExportConfig) -> ExportResult:
     """Export ``cfg.model`` to ``cfg.output``."""
+    check_output_file(cfg.output, [cfg.model], cfg.overwrite)
     handle = open_model(cfg.model)
     if handle.kind is ModelKind.QUANTIZED:
         if cfg.raw or cfg.batch_size != 1 or cfg.opset != 17:

@@ -19,6 +19,7 @@ import torch
 
 from repquant.data import DetectionDataset
 from repquant.deploy.qdq import QDQExport, QDQParity, export_quantized_onnx, float_convs, qdq_parity
+from repquant.outputs import check_output_file
 from repquant.quant.config import quant_info
 from repquant.quant.ranking import KeepFloatBudget, rank_keep_float, search_keep_float
 from repquant.quant.sensitivity import quantized_copy
@@ -64,6 +65,7 @@ def choose_keep_float(cfg: PTQConfig, inputs: QuantInputs,
 
 def run(cfg: PTQConfig, progress: bool = True) -> PTQResult:
     """Quantize ``cfg.model`` to INT8 except its keep-float layers; write the QDQ ONNX ``cfg.output``."""
+    check_output_file(cfg.output, [cfg.model, cfg.data, cfg.sensitivity_json], cfg.overwrite)
     inputs = load_quant_inputs(cfg, cfg.batch_size)
     keep, search = choose_keep_float(cfg, inputs, progress)
     qconfig = quant_config_of(cfg, keep, cfg.layout)

@@ -36,6 +36,7 @@ from repquant.eval import evaluate
 from repquant.modelfile import ModelKind
 from repquant.models import YOLOv6
 from repquant.models.head import DecodedDetector
+from repquant.outputs import check_output_file
 from repquant.quant.checkpoint import save_quantized_checkpoint
 from repquant.quant.config import QuantConfig, quant_info
 from repquant.quant.learnable_scales import LearnableScales, scale_drift
@@ -273,6 +274,8 @@ def run(cfg: QATConfig, resume: bool = False, progress: bool = True) -> QATResul
     """Partial QAT of ``cfg.model`` on ``cfg.data``; see the module docstring."""
     loop = loop_config(cfg)
     check_run_slot(loop.state_path, resume, "QAT")
+    if not resume:
+        check_output_file(cfg.output, [cfg.model, cfg.data, cfg.sensitivity_json, cfg.repopt_scales], cfg.overwrite)
     dist, device = ddp.init_distributed(cfg.device)
     ddp.seed_everything(cfg.seed)
     parts, hooks, keep = qat_parts(cfg, dist, device, progress)

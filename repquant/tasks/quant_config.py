@@ -31,6 +31,7 @@ class SensitivityConfig:
     percentile: float = 99.99
     img_size: int = 640
     seed: int = 0
+    exist_ok: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -56,6 +57,7 @@ class PTQConfig:
     max_keep_float: int = 12
     layout: str = "tensorrt"
     float_dtype: str = "fp32"
+    overwrite: bool = False
     batch_size: int = 2
     sensitivity_json: Path | None = None
     ranking_metric: str = "mse"
@@ -112,6 +114,7 @@ class QATConfig:
     layout: str = "tensorrt"
     device: str = "auto"
     workers: int = 0
+    overwrite: bool = False
     sensitivity_json: Path | None = None
     ranking_metric: str = "mse"
     ranking_mode: str = "isolated"
@@ -153,6 +156,7 @@ class ActStatsConfig:
     num_images: int = 32
     img_size: int = 640
     output_dir: Path = Path("runs/act_stats")
+    exist_ok: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()
@@ -191,6 +195,7 @@ class QuantizeConfig:
     bench_iters: int = 10
     bench_min_seconds: float = 1.0
     threads: int | None = None
+    exist_ok: bool = False
 
     def __post_init__(self) -> None:
         p = Problems()

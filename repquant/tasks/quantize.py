@@ -35,13 +35,17 @@ from repquant.deploy.qdq import QDQExport, export_quantized_checkpoint, export_q
 from repquant.deploy.report import BenchResult
 from repquant.deploy.resolve import open_model, open_runner
 from repquant.deploy.timing import TimingPlan, compare_runners, environment_info
+from repquant.errors import RepquantError
 from repquant.io import atomic_write_bytes, read_safetensors, write_safetensors
 from repquant.models import YOLOv6
+from repquant.outputs import check_run_folder
+from repquant.provenance import model_identity
 from repquant.quant.calibrate import calibrate, insert_quantizers, restore_amax, unify_shared_scales
 from repquant.quant.config import QuantConfig, quant_info
 from repquant.quant.placement import QuantPlacement, find_placement
 from repquant.quant.report import result_to_dict, write_json
 from repquant.quant.sensitivity import layer_sensitivity
+from repquant.quant.sensitivity_progress import SweepProgress
 from repquant.tasks import evaluate, qat
 from repquant.tasks.config import EvalConfig, QATConfig, QuantizeConfig
 from repquant.tasks.inputs import QuantInputs, load_quant_inputs, quant_config_of
@@ -83,9 +87,22 @@ class _Run:
         return Path(path).resolve().relative_to(self.out.resolve()).as_posix()
 
 
-def _start(cfg: QuantizeConfig) -> _Run:
+def _check_folder(cfg: QuantizeConfig) -> Path:
+    """A new folder, an earlier quantize run (resumed stage by stage), or with ``exist_ok`` anything."""
     out = Path(cfg.output)
+    # Resuming is the point of the folder: only the inputs-among-artefacts check applies here.
+    check_run_folder(out, ("fp32.onnx", FINAL_ONNX, "sensitivity.json", "summary.json"), exist_ok=True,
+                     inputs=[cfg.model, cfg.data])
+    foreign = out.is_dir() and any(out.iterdir()) and not (out / "stages").is_dir()
+    if foreign and not cfg.exist_ok:
+        raise RepquantError(f"{out}: not empty and not a repquant quantize run; pass --exist-ok to write into it "
+                            "or choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _start(cfg: QuantizeConfig) -> _Run:
+    out = _check_folder(cfg)
     img_size = cfg.img_size or open_model(cfg.model).recorded_img_size() or 640
     cfg = dataclasses.replace(cfg, img_size=img_size)
     inputs = load_quant_inputs(cfg, batch_size=2)
@@ -153,9 +170,15 @@ def _sensitivity(run: _Run, calibration: dict[str, Any]) -> dict[str, Any]:
 
     def compute() -> dict[str, Any]:
         calibrated = (_quantized(run, calibration, ()), run.placement)
+        progress_file = run.out / "stages" / "sensitivity.progress.json"  # a killed sweep resumes from it
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
         result = layer_sensitivity(run.inputs.model, run.inputs.batches, _quant_config(cfg), (cfg.ranking_mode,),
-                                   progress=True, isolated_images=cfg.isolated_images or None, calibrated=calibrated)
-        path = write_json(result_to_dict(result, cfg.model, run.inputs.calibration), run.out / "sensitivity.json")
+                                   progress=True, isolated_images=cfg.isolated_images or None, calibrated=calibrated,
+                                   resume_file=progress_file)
+        identity = model_identity(run.inputs.model, cfg.img_size)
+        path = write_json(result_to_dict(result, cfg.model, run.inputs.calibration, identity=identity),
+                          run.out / "sensitivity.json")
+        SweepProgress(progress_file, "").remove()
         ranking = result.ranking(cfg.ranking_mode, cfg.ranking_metric)
         values = {ly.name: getattr(ly.modes[cfg.ranking_mode], cfg.ranking_metric) for ly in result.layers}
         return {"json": run.rel(path), "ranking": ranking, "values": values, "mode": cfg.ranking_mode,

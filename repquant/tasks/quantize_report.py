@@ -94,7 +94,7 @@ def _flags(name: str, value: Any) -> list[str]:
 def reproduce_commands(cfg: QuantizeConfig) -> dict[str, str]:
     """The commands that reproduce each number of the report (run from the directory the run was started in)."""
     defaults = QuantizeConfig(cfg.model, cfg.data, cfg.output)
-    skip = ("model", "data", "output", "threads")
+    skip = ("model", "data", "output", "threads", "exist_ok")
     flags = [flag for f in dataclasses.fields(cfg) if f.name not in skip
              and getattr(cfg, f.name) != getattr(defaults, f.name) for flag in _flags(f.name, getattr(cfg, f.name))]
     model, data, out = (shlex.quote(str(p)) for p in (cfg.model, cfg.data, cfg.output))
@@ -115,7 +115,7 @@ def build_summary(cfg: QuantizeConfig, identity: dict[str, Any], parts: dict[str
     """The ``summary.json`` document from the stage results (``parts``: fp32, calibration, sensitivity,
     tried, int8, speed)."""
     settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
-                if f.name not in ("model", "data", "output")}
+                if f.name not in ("model", "data", "output", "exist_ok")}
     calibration = parts["calibration"]
     speed = dict(parts["speed"])
     environment = speed.pop("environment")

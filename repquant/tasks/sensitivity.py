@@ -7,6 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from repquant.data import DetectionDataset
+from repquant.errors import CalibrationError
+from repquant.outputs import check_run_folder
+from repquant.provenance import model_identity
 from repquant.quant.ranking import map_check
 from repquant.quant.report import (
     format_map_check,
@@ -18,9 +21,12 @@ from repquant.quant.report import (
     write_png,
 )
 from repquant.quant.sensitivity import SensitivityResult, layer_sensitivity, quantized_copy
+from repquant.quant.sensitivity_progress import SweepProgress
 from repquant.tasks.config import SensitivityConfig
 from repquant.tasks.inputs import load_quant_inputs, quant_config_of
 from repquant.vocab import MODES
+
+PROGRESS_FILE = "sensitivity.progress.json"
 
 __all__ = ["SensitivityConfig", "SensitivityReport", "run"]
 
@@ -44,22 +50,34 @@ class SensitivityReport:
         return "\n".join(parts)
 
 
-def run(cfg: SensitivityConfig, progress: bool = True) -> SensitivityReport:
+def run(cfg: SensitivityConfig, progress: bool = True, resume: bool = False) -> SensitivityReport:
     """Load the deployed model, calibrate on the seeded train subset, measure every mode, write the reports
-    under ``cfg.output_dir`` (``sensitivity.{json,csv,md}``, one ``sensitivity_<metric>.png`` per metric)."""
+    under ``cfg.output_dir`` (``sensitivity.{json,csv,md}``, one ``sensitivity_<metric>.png`` per metric).
+
+    The sweep writes ``sensitivity.progress.json`` after every batch; ``resume`` continues an interrupted
+    sweep from it (without, an interrupted sweep in the folder is refused rather than silently restarted)."""
+    out = Path(cfg.output_dir)
+    progress_file = out / PROGRESS_FILE
+    check_run_folder(out, ["sensitivity.json"], cfg.exist_ok, resume)
+    if resume and not progress_file.is_file():
+        raise CalibrationError(f"{progress_file}: no interrupted sensitivity sweep to resume")
+    if progress_file.is_file() and not resume and not cfg.exist_ok:
+        raise CalibrationError(f"{out}: holds an interrupted sensitivity sweep; pass --resume to continue it or "
+                               "--exist-ok to start over")
+    if not resume:
+        SweepProgress(progress_file, "").remove()
     inputs = load_quant_inputs(cfg, cfg.batch_size)
     qconfig = quant_config_of(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     result = layer_sensitivity(inputs.model, inputs.batches, qconfig, MODES, progress=progress,
-                               isolated_images=cfg.isolated_images or None)
+                               isolated_images=cfg.isolated_images or None, resume_file=progress_file)
     check = None
     if cfg.map_check_top_k > 0:
         checked = list(dict.fromkeys(n for m in cfg.metrics for n in result.ranking(cfg.mode, m)[:cfg.map_check_top_k]))
         qmodel, placement = quantized_copy(inputs.model, inputs.batches, qconfig)
         val = DetectionDataset(inputs.data, "val", cfg.img_size, augment=False)
         check = map_check(inputs.model, qmodel, placement, val, result, checked, progress=progress)
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    doc = result_to_dict(result, cfg.model, inputs.calibration, check)
+    doc = result_to_dict(result, cfg.model, inputs.calibration, check, model_identity(inputs.model, cfg.img_size))
     paths = {
         "json": write_json(doc, out / "sensitivity.json"),
         "csv": write_csv(result, out / "sensitivity.csv"),
@@ -67,4 +85,5 @@ def run(cfg: SensitivityConfig, progress: bool = True) -> SensitivityReport:
     }
     for metric in cfg.metrics:
         paths[f"png_{metric}"] = write_png(result, out / f"sensitivity_{metric}.png", cfg.mode, metric)
+    SweepProgress(progress_file, "").remove()  # every result is written: nothing left to resume
     return SensitivityReport(cfg, result, paths, check)

@@ -9,7 +9,6 @@ directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Literal
 
 from repquant.data import AugmentConfig
 from repquant.errors import RecipeError
-from repquant.recipe import load_recipe, recipe_from_dict, recipe_to_dict
+from repquant.recipe import load_recipe, recipe_from_dict, recipe_to_dict, suggest
 
 IouType = Literal["giou", "siou", "ciou", "diou", "iou"]
 # YOLOv6 v3 trains N (and v2 N/T) with SIoU, the larger models with GIoU.
@@ -90,6 +89,7 @@ class TrainConfig:
     # whose name and shape fit are loaded, the class predictions re-initialised when the class count differs.
     weights: Path | None = None
     output_dir: Path = Path("runs/train/exp")
+    exist_ok: bool = False  # replace a finished run in output_dir (otherwise refused; resume continues one)
 
     def __post_init__(self) -> None:
         problems = []
@@ -141,8 +141,8 @@ def override(config: TrainConfig, **overrides: Any) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], sorted(names), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        close = suggest(unknown[0], names)
+        hint = f" (did you mean {close!r}?)" if close else ""
         raise RecipeError(f"TrainConfig: unknown field {unknown[0]!r}{hint}")
     if not overrides:
         return config

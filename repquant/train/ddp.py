@@ -119,8 +119,7 @@ def set_rng_state(state: dict) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m repquant.train.ddp RECIPE [--resume] [--set key=value ...]`` (under torchrun)."""
-    import yaml
-
+    from repquant.recipe import yaml_load
     from repquant.train.config import load_train_config
     from repquant.train.fit import train
 
@@ -133,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     overrides = {}
     for item in args.set:
         key, _, value = item.partition("=")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key] = yaml_load(value)
     from repquant.recipe import recipe_from_dict, recipe_to_dict
     from repquant.train.config import TrainConfig
 

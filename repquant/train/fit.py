@@ -30,6 +30,7 @@ from repquant.eval.predict import evaluate
 from repquant.io import atomic_write_text
 from repquant.models import YOLOv6, create_model
 from repquant.models.head import DecodedDetector
+from repquant.outputs import check_run_folder
 from repquant.train import ddp, repopt, schedule
 from repquant.train.config import TrainConfig
 from repquant.train.distill import SelfDistillLoss
@@ -38,6 +39,7 @@ from repquant.train.losses import ComputeLoss
 from repquant.train.pretrained import load_pretrained
 from repquant.train.trainer import Hook, LoopConfig, Trainer, TrainParts, check_run_slot
 
+RUN_ARTEFACTS = ("weights/best.safetensors", "weights/last.pt")
 LOGGER = logging.getLogger("repquant.train")
 
 
@@ -195,8 +197,14 @@ def make_trainer(config: TrainConfig, resume: bool = False,
                  callbacks: Mapping[str, Hook | Sequence[Hook]] | None = None) -> Trainer:
     """The :class:`Trainer` of a training run, its parts built (``run(resume)`` trains)."""
     loop = loop_config(config)
-    check_run_slot(loop.state_path, resume, "training")
+    check_run_folder(config.output_dir, RUN_ARTEFACTS, config.exist_ok, resume,
+                     inputs=(config.weights, config.repopt_scales, config.distill.teacher if config.distill else None))
+    if resume or not config.exist_ok:
+        check_run_slot(loop.state_path, resume, "training")
     dist, device = ddp.init_distributed(config.device)
+    if config.exist_ok and not resume and dist.is_main:
+        for name in RUN_ARTEFACTS:  # asked to replace the previous run: none of its files may pass as this one's
+            (Path(config.output_dir) / name).unlink(missing_ok=True)
     ddp.seed_everything(config.seed)
     if device.type == "cuda":
         # cuDNN autotuning picks kernels per run: reproducible runs need it off (slower).

@@ -12,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from repquant.deploy.onnx_export import decode_onnx_metadata, onnx_has_qdq
+from repquant.deploy.onnx_file import load_onnx_graph
 from repquant.errors import CheckpointError, ModelError, RepquantError
 
 _OPT_LEVELS = {
@@ -44,8 +45,6 @@ class OrtDetector:
     ) -> None:
         self.path = Path(path)
         self.backend, self.device, self.threads = "ort", "cpu", intra_op_threads
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such ONNX file")
         if graph_optimization not in _OPT_LEVELS:
             raise RepquantError(
                 f"graph_optimization {graph_optimization!r}: expected one of {', '.join(_OPT_LEVELS)}"
@@ -56,6 +55,7 @@ class OrtDetector:
             raise RepquantError(
                 f"ONNX Runtime provider {missing[0]} is not available (available: {', '.join(available)})"
             )
+        load_onnx_graph(self.path)  # the door: parses, has a graph, external data inside its folder
         options = ort.SessionOptions()
         options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
         if intra_op_threads is not None:

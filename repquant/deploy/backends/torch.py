@@ -27,6 +27,8 @@ class TorchRunner:
         self.precision, self.device, self.threads = precision, device, threads
         self.img_size: tuple[int, int] | None = (img_size, img_size)
         self.batch_size: int | None = None
+        config = getattr(model, "config", None)
+        self.num_classes: int | None = getattr(config, "num_classes", None)
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.net = DecodedDetector(model, self.img_size).to(device=device, dtype=self.dtype).eval()
         self._graphs = _CudaGraphRunner(self.net) if cuda_graphs else None

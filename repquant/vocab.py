@@ -24,8 +24,9 @@ MODES = ("isolated", "accumulated", "local")
 # Quantizer layouts of the exported QDQ graph.
 LAYOUTS = ("tensorrt", "ort")
 # Inference engines behind eval / bench / ptq parity.
-BACKENDS = ("ort", "torch", "tensorrt")
-PRECISIONS = ("fp32", "fp16", "int8")
+BACKENDS = ("ort", "torch", "tensorrt", "openvino")
+# bf16: OpenVINO on CPUs with AVX-512 BF16 / AMX (its default for float models there, made explicit).
+PRECISIONS = ("fp32", "fp16", "bf16", "int8")
 # Storage type of the keep-float convs in a QDQ file.
 FLOAT_DTYPES = ("fp32", "fp16")
 # Training forms of the RepVGG-style 3x3 slots.

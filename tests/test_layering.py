@@ -27,6 +27,8 @@ PEERS = {("quant", "train"), ("train", "quant")}
 OWNERS = {
     "modelopt": {"quant/_modelopt.py"},
     "tensorrt": {"deploy/tensorrt.py"},
+    "openvino": {"deploy/backends/openvino.py"},
+    "nncf": set(),
     "pycuda": {"deploy/tensorrt.py"},
     "torchvision": set(),
 }

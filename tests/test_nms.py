@@ -141,3 +141,15 @@ def test_nms_max_keep_is_head_of_full_result(max_keep: int, monkeypatch: pytest.
     full = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5)
     head = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.5, max_keep=max_keep)
     assert head.tolist() == full[:max_keep].tolist()
+
+
+@pytest.mark.parametrize("step", [0.2, 0.45, 0.7])
+def test_nms_long_suppression_chains(step: float) -> None:
+    """Boxes sliding along a line, each overlapping the next: whether box i is kept depends on every box before
+    it (the worst case of the vectorised greedy pass, which must still equal the one-by-one loop)."""
+    n = 300
+    x = np.arange(n, dtype=np.float64) * step * 10.0
+    boxes = np.stack([x, np.zeros(n), x + 10.0, np.full(n, 10.0)], axis=1)
+    scores = np.linspace(1.0, 0.5, n)
+    keep = nms(torch.from_numpy(boxes), torch.from_numpy(scores), 0.3)
+    assert keep.tolist() == _reference_nms(boxes, scores, 0.3)

@@ -41,10 +41,10 @@ def data_yaml(tiny_data_yaml: Path) -> Path:
 
 
 def _quantized_weights(proto: onnx.ModelProto) -> set[str]:
-    """Layer FQNs whose weight is quantized (initializers are named ``model.<fqn>.weight``: the
-    exported graph wraps the network in ``DecodedDetector``)."""
-    return {n.input[0].removeprefix("model.").removesuffix(".weight") for n in proto.graph.node
-            if n.op_type == "QuantizeLinear" and n.input[0].endswith(".weight")}
+    """Layer FQNs whose weight is quantized: stored as INT8 ``model.<fqn>.weight_quantized`` read by a
+    DequantizeLinear (the exported graph wraps the network in ``DecodedDetector``)."""
+    return {n.input[0].removeprefix("model.").removesuffix(".weight_quantized") for n in proto.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")}
 
 
 def test_keep_float_layers_have_no_qdq_and_the_file_evaluates(data_yaml: Path, tmp_path: Path) -> None:
@@ -56,9 +56,9 @@ def test_keep_float_layers_have_no_qdq_and_the_file_evaluates(data_yaml: Path, t
     assert mixed.quantized_layers == full.quantized_layers - 2
     p_full, p_mixed = onnx.load(str(full.onnx_path)), onnx.load(str(mixed.onnx_path))
     assert _quantized_weights(p_full) - _quantized_weights(p_mixed) == set(mixed.keep_float_layers)
-    q_full = Counter(n.op_type for n in p_full.graph.node)["QuantizeLinear"]
-    q_mixed = Counter(n.op_type for n in p_mixed.graph.node)["QuantizeLinear"]
-    assert q_full - q_mixed == 4  # input + weight of each keep-float conv
+    full_ops, mixed_ops = Counter(n.op_type for n in p_full.graph.node), Counter(n.op_type for n in p_mixed.graph.node)
+    assert full_ops["QuantizeLinear"] - mixed_ops["QuantizeLinear"] == 2  # the input of each keep-float conv
+    assert full_ops["DequantizeLinear"] - mixed_ops["DequantizeLinear"] == 4  # its input and its INT8 weight
     for name in mixed.keep_float_layers:  # its Conv reads a float tensor and a float weight
         conv = next(n for n in p_mixed.graph.node if n.op_type == "Conv" and f"model.{name}.weight" in n.input)
         producers = {o: n.op_type for n in p_mixed.graph.node for o in n.output}

@@ -56,24 +56,26 @@ def test_qdq_graph(ptq) -> None:
     inits = {i.name: i for i in proto.graph.initializer}
     producers = {o: n for n in proto.graph.node for o in n.output}
 
-    def weight_of(conv: onnx.NodeProto) -> str:  # the initializer, also behind DequantizeLinear(QuantizeLinear(w))
+    def weight_of(conv: onnx.NodeProto) -> str:  # the float weight's name, also behind DequantizeLinear(w_int8)
         name = conv.input[1]
         while name not in inits:
             name = producers[name].input[0]
-        return name
+        return name.removesuffix("_quantized")
 
     convs = {weight_of(n): n for n in proto.graph.node if n.op_type in ("Conv", "ConvTranspose")}
     rows = qdq_nodes(proto)
     quantizes = [r for r in rows if r["op"] == "QuantizeLinear"]
-    assert Counter(r["op"] for r in rows)["DequantizeLinear"] == len(quantizes)
-    weight_dq = {n.output[0] for n in proto.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in inits}
-    weight_rows = [r for r in rows if r["input"] in inits or r["input"] in weight_dq]
+    # Weights are stored as INT8 initializers read by a DequantizeLinear: no QuantizeLinear of their own.
+    weight_rows = [r for r in rows if r["input"] in inits]
+    assert weight_rows and all(r["op"] == "DequantizeLinear" for r in weight_rows)
+    assert all(inits[r["input"]].data_type == onnx.TensorProto.INT8 for r in weight_rows)
+    assert Counter(r["op"] for r in rows)["DequantizeLinear"] == len(quantizes) + len(weight_rows)
     assert all(r["zero_point_dtype"] == np.int8 and r["zero_point_max_abs"] == 0 for r in weight_rows)
     # Activations: int8 for TensorRT; uint8 with zero point 128 (the same numbers) for ONNX Runtime.
     act_zero_point = (np.int8, 0) if ptq.layout == "tensorrt" else (np.uint8, 128)
     assert all((r["zero_point_dtype"], r["zero_point_max_abs"]) == act_zero_point
                for r in rows if r not in weight_rows)
-    weights = [r for r in quantizes if str(r["input"]).endswith(".weight")]
+    weights = [{**r, "input": str(r["input"]).removesuffix("_quantized")} for r in weight_rows]
     # Every conv but the keep-float ones has a per-channel (axis 0) weight quantizer.
     float_weights = {f"model.{name}.weight" for name in ptq.keep_float_layers}
     assert float_weights <= set(convs)
@@ -81,8 +83,8 @@ def test_qdq_graph(ptq) -> None:
     assert {r["input"] for r in weights} == set(int8_convs)
     for r in weights:  # ConvTranspose weights are (C_in, C_out, kh, kw): scales per output channel on axis 1
         axis = 1 if convs[r["input"]].op_type == "ConvTranspose" else 0
-        assert r["axis"] == axis and r["num_scales"] == inits[r["input"]].dims[axis]
-    activations = [r for r in quantizes if r not in weights]
+        assert r["axis"] == axis and r["num_scales"] == inits[f"{r['input']}_quantized"].dims[axis]
+    activations = quantizes
     assert all(r["axis"] is None and r["num_scales"] == 1 for r in activations)
     # TensorRT layout: one input quantizer per INT8 conv + the SPPF pool input at each of its 3 calls;
     # the ORT layout adds one output quantizer per INT8 conv.
@@ -126,12 +128,11 @@ def test_parity_catches_a_wrong_scale(tmp_path: Path) -> None:
     assert exact.exact(FLOOR_MARGIN_DB), exact
     proto = onnx.load(str(good))
     consts = {n.output[0]: n for n in proto.graph.node if n.op_type == "Constant"}
-    weight_q = next(n for n in proto.graph.node if n.op_type == "QuantizeLinear"
-                    and n.input[0] == "model.backbone.ERBlock_3.0.rbr_reparam.weight")
-    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == weight_q.output[0])
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] == "model.backbone.ERBlock_3.0.rbr_reparam.weight_quantized")
     scale = numpy_helper.to_array(next(a.t for a in consts[dq.input[1]].attribute if a.name == "value"))
     proto.graph.initializer.append(numpy_helper.from_array(scale * np.float32(2.0), "wrong_scale"))
-    dq.input[1] = "wrong_scale"  # the Q node keeps the right scale: dequantized weights come out doubled
+    dq.input[1] = "wrong_scale"  # the INT8 weights stay: dequantized weights come out doubled
     onnx.save(proto, str(tmp_path / "bad.onnx"))
     bad = qdq_parity(qmodel, tmp_path / "bad.onnx", images)
     assert not bad.exact(FLOOR_MARGIN_DB), bad

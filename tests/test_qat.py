@@ -107,12 +107,14 @@ def test_export_writes_the_ptq_graph_and_matches_torch(qat_run, data_yaml: Path,
                                    "--output", str(onnx_path)])
     assert res.exit_code == 0, res.output
     proto = onnx.load(str(onnx_path))
-    quantized_weights = {n.input[0] for n in proto.graph.node if n.op_type == "QuantizeLinear"
-                         and n.input[0].endswith(".weight")}
+    # Weights are stored as INT8 initializers read by a DequantizeLinear (no QuantizeLinear of their own).
+    quantized_weights = {n.input[0].removesuffix("_quantized") for n in proto.graph.node
+                         if n.op_type == "DequantizeLinear" and n.input[0].endswith(".weight_quantized")}
     assert f"model.{KEEP}.weight" not in quantized_weights and len(quantized_weights) > 50
     qmodel, _ = load_quantized_model(out)
     counts = Counter(n.op_type for n in proto.graph.node)
-    assert counts["QuantizeLinear"] == counts["DequantizeLinear"] == 2 * len(quantized_weights) + 3
+    assert counts["QuantizeLinear"] == len(quantized_weights) + 3
+    assert counts["DequantizeLinear"] == 2 * len(quantized_weights) + 3
     _, _, batches, _ = load_for_quantization("yolov6n", data_yaml, 4, 64)
     parity = qdq_parity(qmodel, onnx_path, torch.cat(batches))
     assert parity.exact(), parity

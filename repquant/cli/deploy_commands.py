@@ -132,6 +132,8 @@ def eval_cmd(ctx: click.Context, as_json: bool, **options: Any) -> None:
 @click.option("--min-seconds", type=click.FloatRange(min=0), default=default(BenchConfig, "min_seconds"),
               show_default=True, help="Keep timing each batch size until this much timed work has passed.")
 @click.option("--cuda-graphs", is_flag=True, help="torch on CUDA: replay a captured CUDA graph.")
+@click.option("--hint", type=click.Choice(["latency", "throughput"]), default=default(BenchConfig, "hint"),
+              show_default=True, help="openvino: performance hint (throughput splits a batch over parallel requests).")
 @click.option("--compare-train-form", is_flag=True, help="torch: also time the train-form model.")
 @click.option("--output-json", type=click.Path(dir_okay=False), default=None)
 @click.option("--output-md", type=click.Path(dir_okay=False), default=None)

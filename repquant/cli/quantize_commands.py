@@ -10,7 +10,7 @@ from repquant.cli.core import build_config, check_img_size, cli, default, setup_
 from repquant.cli.deploy_commands import MODEL_HELP
 from repquant.cli.quant_commands import metric_field
 from repquant.tasks.config import DemoConfig
-from repquant.tasks.quant_config import QAT_WHEN, QuantizeConfig
+from repquant.tasks.quant_config import QAT_WHEN, QUANTIZE_ENGINES, QuantizeConfig
 from repquant.vocab import CALIBRATORS, LAYOUTS, METRIC_CHOICES, MODES
 
 _Q = QuantizeConfig
@@ -55,6 +55,8 @@ _RENAME = {"metric": "ranking_metric", "mode": "ranking_mode", "batch": "batch_s
               show_default=True, help="Batch sizes timed (repeatable): the first is the latency batch.")
 @click.option("--bench-warmup", type=click.IntRange(min=0), default=default(_Q, "bench_warmup"), show_default=True)
 @click.option("--bench-iters", type=click.IntRange(min=1), default=default(_Q, "bench_iters"), show_default=True)
+@click.option("--backend", type=click.Choice(QUANTIZE_ENGINES), default=default(_Q, "backend"), show_default=True,
+              help="CPU engine that evaluates and times every file (openvino: repquant[openvino]).")
 @click.option("--exist-ok", is_flag=True, help="Write into a non-empty folder that is not a quantize run.")
 @click.option("--bench-min-seconds", type=click.FloatRange(min=0), default=default(_Q, "bench_min_seconds"),
               show_default=True, help="Keep timing each batch size until this much timed work has passed.")

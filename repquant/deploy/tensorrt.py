@@ -33,9 +33,10 @@ from typing import Any
 from repquant.deploy.onnx_export import onnx_has_qdq
 from repquant.errors import CheckpointError, MissingDependencyError, ModelError, RepquantError
 from repquant.io import atomic_open, atomic_write_bytes, atomic_write_text
-from repquant.vocab import PRECISIONS
 
 ENGINE_METADATA_VERSION = 1
+
+TRT_PRECISIONS = ("fp32", "fp16", "int8")
 
 
 @dataclass(frozen=True)
@@ -103,8 +104,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 def _check_request(onnx_path: Path, precision: str, batch_sizes: Sequence[int]) -> tuple[int, ...]:
     if not onnx_path.is_file():
         raise CheckpointError(f"{onnx_path}: no such ONNX file")
-    if precision not in PRECISIONS:
-        raise RepquantError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+    if precision not in TRT_PRECISIONS:
+        raise RepquantError(f"precision {precision!r}: TensorRT engines here are {', '.join(TRT_PRECISIONS)}")
     batches = tuple(sorted({int(b) for b in batch_sizes}))
     if not batches or batches[0] < 1:
         raise RepquantError(f"{onnx_path}: batch sizes must be >= 1, got {list(batch_sizes)}")

@@ -32,7 +32,7 @@ def _plan(cfg: BenchConfig) -> TimingPlan:
 
 def _options(cfg: BenchConfig) -> RunnerOptions:
     return RunnerOptions(precision=cfg.precision, threads=cfg.threads, img_size=cfg.img_size,
-                         cuda_graphs=cfg.cuda_graphs)
+                         cuda_graphs=cfg.cuda_graphs, hint=cfg.hint)
 
 
 def _train_form_results(cfg: BenchConfig, handle: ModelHandle) -> list[BenchResult]:
@@ -73,6 +73,8 @@ def run(cfg: BenchConfig) -> BenchReport:
                 is_file = handle.kind in (ModelKind.ONNX, ModelKind.ENGINE) and handle.path is not None
                 variant = handle.path.name if is_file else "deployed"  # type: ignore[union-attr]
                 results = time_runner(runner, _plan(cfg), variant)
+                if hasattr(runner, "config"):  # OpenVINO: hint and inference precision, never implicit
+                    notes["engine_config"] = dict(runner.config)
         environment = environment_info()  # while the requested thread count is still set
     finally:
         torch.set_num_threads(old_threads)

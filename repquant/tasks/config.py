@@ -89,6 +89,7 @@ class BenchConfig:
     min_seconds: float = 0.0
     threads: int | None = None
     cuda_graphs: bool = False
+    hint: str = "latency"
     compare_train_form: bool = False
     output_json: Path | None = None
     output_md: Path | None = None

@@ -9,6 +9,8 @@ from repquant.tasks.config_base import Auto, Problems, check_calibration, check_
 from repquant.vocab import FLOAT_DTYPES, LAYOUTS, METRICS, MODES
 
 QAT_WHEN = ("auto", "always", "never")
+QUANTIZE_ENGINES = ("ort", "openvino")  # CPU engines quantize evaluates and times the files in
+ENGINE_NAMES = {"ort": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,7 @@ class QuantizeConfig:
     bench_warmup: int = 2
     bench_iters: int = 10
     bench_min_seconds: float = 1.0
+    backend: str = "ort"
     threads: int | None = None
     exist_ok: bool = False
 
@@ -203,6 +206,7 @@ class QuantizeConfig:
         check_ranking(p, self)
         p.choice("layout", self.layout, LAYOUTS)
         p.choice("qat", self.qat, QAT_WHEN)
+        p.choice("backend", self.backend, QUANTIZE_ENGINES)
         p.check(self.max_keep_float >= 0 and self.qat_epochs >= 1 and self.qat_batch_size >= 1,
                 "max_keep_float must be >= 0, qat_epochs and qat_batch_size >= 1")
         p.check(bool(self.batch_sizes) and min(self.batch_sizes) >= 1,

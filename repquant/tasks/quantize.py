@@ -49,6 +49,7 @@ from repquant.quant.sensitivity_progress import SweepProgress
 from repquant.tasks import evaluate, qat
 from repquant.tasks.config import EvalConfig, QATConfig, QuantizeConfig
 from repquant.tasks.inputs import QuantInputs, load_quant_inputs, quant_config_of
+from repquant.tasks.quant_config import ENGINE_NAMES
 from repquant.tasks.quantize_report import write_reports, write_run_log
 from repquant.tasks.stages import StageCache, file_sha256, stage_key
 
@@ -57,6 +58,7 @@ __all__ = ["QuantizeConfig", "QuantizeResult", "run"]
 logger = logging.getLogger("repquant.quantize")
 PARITY_BATCHES = 2
 FINAL_ONNX = "int8.onnx"
+QDQ_FORMAT = 2  # in the keys of stages that write QDQ files: 2 = INT8 weight initializers
 SPEED_METHOD = "interleaved, 3 rounds, iters split"  # in the speed stage's key: a new method measures again
 
 
@@ -113,7 +115,8 @@ def _start(cfg: QuantizeConfig) -> _Run:
 
 
 def _evaluate(run: _Run, onnx_path: Path) -> dict[str, Any]:
-    report = evaluate.run(EvalConfig(str(onnx_path), run.cfg.data, threads=run.cfg.threads), progress=False)
+    report = evaluate.run(EvalConfig(str(onnx_path), run.cfg.data, threads=run.cfg.threads,
+                                     backend=run.cfg.backend), progress=False)
     r = report.result
     return {"onnx": run.rel(onnx_path), "sha256": file_sha256(onnx_path), "map50_95": r.map50_95, "map50": r.map50,
             "num_images": r.num_images, "per_class_ap50_95": r.per_class_ap50_95}
@@ -124,8 +127,9 @@ def _fp32(run: _Run) -> dict[str, Any]:
         path = export_onnx(run.inputs.model, run.out / "fp32.onnx", run.cfg.img_size or 640, dynamic_batch=True)
         return _evaluate(run, path)
 
-    return run.cache.run("fp32", stage_key(run.identity, "fp32"), compute,
-                         lambda r: f"FP32 in ONNX Runtime: mAP@.5:.95 {r['map50_95']:.4f} on {r['num_images']} images",
+    return run.cache.run("fp32", stage_key(run.identity, "fp32", run.cfg.backend), compute,
+                         lambda r: f"FP32 in {ENGINE_NAMES[run.cfg.backend]}: mAP@.5:.95 {r['map50_95']:.4f} on "
+                                   f"{r['num_images']} images",
                          lambda r: [r["onnx"]])
 
 
@@ -205,7 +209,7 @@ def _ptq_k(run: _Run, calibration: dict[str, Any], ranking: list[str], k: int, f
         return {**row, "keep_float": k, "keep_float_layers": list(keep), "drop": fp32["map50_95"] - row["map50_95"],
                 "parity_snr_db": parity.snr_db, "parity_floor_db": parity.floor_db, "source": "ptq"}
 
-    key = stage_key(run.identity, calibration["sha256"], keep, cfg.layout, fp32["sha256"])
+    key = stage_key(run.identity, calibration["sha256"], keep, cfg.layout, fp32["sha256"], cfg.backend, QDQ_FORMAT)
     return run.cache.run(f"ptq_k{k}", key, compute,
                          lambda r: f"K={k} float: INT8 mAP@.5:.95 {r['map50_95']:.4f}, drop {r['drop']:+.4f}",
                          lambda r: [r["onnx"]])
@@ -230,7 +234,7 @@ def _qat(run: _Run, sensitivity: dict[str, Any], keep_float: int, fp32: dict[str
                      calib_method=cfg.calib_method, percentile=cfg.percentile, layout=cfg.layout, seed=cfg.seed)
 
     key = stage_key(run.identity, sensitivity["ranking"], keep_float, cfg.qat_epochs, cfg.qat_lr, cfg.qat_batch_size,
-                    cfg.layout, fp32["sha256"])
+                    cfg.layout, fp32["sha256"], cfg.backend, QDQ_FORMAT)
 
     def compute() -> dict[str, Any]:
         # An interrupted QAT run resumes from its state file, but only a run of the same settings.
@@ -264,7 +268,7 @@ def _speed(run: _Run, fp32: dict[str, Any], int8: dict[str, Any], tried: list[di
 
     def runner(onnx: str, precision: str) -> Runner:
         options = RunnerOptions(precision=precision, threads=cfg.threads, img_size=cfg.img_size)
-        return open_runner(open_model(str(run.out / onnx)), "ort", options)
+        return open_runner(open_model(str(run.out / onnx)), cfg.backend, options)
 
     def times(results: list[BenchResult]) -> dict[str, Any]:
         return {f"bs{r.batch_size}": {"latency_ms": r.latency_ms.median, "img_s": r.throughput_img_s}
@@ -273,7 +277,7 @@ def _speed(run: _Run, fp32: dict[str, Any], int8: dict[str, Any], tried: list[di
     def compute() -> dict[str, Any]:
         plan = TimingPlan(tuple(cfg.batch_sizes), cfg.bench_warmup, cfg.bench_iters, cfg.bench_min_seconds)
         main = compare_runners({"fp32": runner(fp32["onnx"], "fp32"), "int8": runner(int8["onnx"], "int8")}, plan)
-        result: dict[str, Any] = {"backend": "ort", "fp32": times(main["fp32"]), "int8": times(main["int8"])}
+        result: dict[str, Any] = {"backend": cfg.backend, "fp32": times(main["fp32"]), "int8": times(main["int8"])}
         result["speedup"] = {b: result["int8"][b]["img_s"] / result["fp32"][b]["img_s"] for b in result["fp32"]}
         # Batch-1 latency of every file tried, side by side, for the accuracy-vs-latency plot.
         others = {c["onnx"]: runner(c["onnx"], "int8") for c in tried}
@@ -283,7 +287,7 @@ def _speed(run: _Run, fp32: dict[str, Any], int8: dict[str, Any], tried: list[di
         return result
 
     key = stage_key(SPEED_METHOD, fp32["sha256"], int8["sha256"], [c["sha256"] for c in tried], cfg.batch_sizes,
-                    cfg.bench_warmup, cfg.bench_iters, cfg.bench_min_seconds, cfg.threads)
+                    cfg.bench_warmup, cfg.bench_iters, cfg.bench_min_seconds, cfg.threads, cfg.backend)
     return run.cache.run("speed", key, compute, lambda r: "INT8 vs FP32 throughput " + ", ".join(
         f"{b} {s:.2f}x" for b, s in r["speedup"].items()))
 

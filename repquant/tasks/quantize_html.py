@@ -18,6 +18,7 @@ import markdown
 from repquant.deploy.report import Column, markdown_table, plot_pareto
 from repquant.io import atomic_write_bytes, atomic_write_text
 from repquant.quant.report import plot_layer_bars
+from repquant.tasks.quant_config import ENGINE_NAMES
 from repquant.tasks.quantize_report import headline_table
 
 SENSITIVITY_TOP = 30
@@ -30,6 +31,10 @@ code,pre{background:#f6f8fa}pre{padding:.8em;overflow-x:auto;white-space:pre-wra
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _engine(summary: dict[str, Any]) -> str:
+    return ENGINE_NAMES[summary["speed"]["backend"]]
 
 
 def _label(row: dict[str, Any]) -> str:
@@ -47,7 +52,7 @@ def write_figures(summary: dict[str, Any], out: Path) -> dict[str, str]:
              for t in summary["tried"]]
     floor = summary["fp32"]["map50_95"] - summary["budget"]["max_ap_drop"]
     figures = {"accuracy_latency": plot_pareto(rows, folder / "accuracy_latency.png",
-                                               title="mAP@.5:.95 vs batch-1 latency (ONNX Runtime, CPU)",
+                                               title=f"mAP@.5:.95 vs batch-1 latency ({_engine(summary)}, CPU)",
                                                threshold=(floor, "FP32 - max AP drop"))}
     sens = summary["sensitivity"]
     names = sens["ranking"][:max(SENSITIVITY_TOP, summary["int8"]["keep_float"])]
@@ -145,7 +150,7 @@ def _environment_section(summary: dict[str, Any]) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v)
     flags = ", ".join(f for f in SPEED_FLAGS if f in env["cpu_flags"]) or "none of " + ", ".join(SPEED_FLAGS)
     timing = summary["settings"]
-    return (f"ONNX Runtime on the CPU: {env['cpu_model']} ({env.get('cpu_count')} cores, speed-relevant flags: "
+    return (f"{_engine(summary)} on the CPU: {env['cpu_model']} ({env.get('cpu_count')} cores, speed-relevant flags: "
             f"{flags}); {env.get('torch_threads')} threads; {versions}. The files are timed in turn over 3 rounds "
             f"(each: {timing['bench_warmup']} warm-up runs, then at least a third of {timing['bench_iters']} timed "
             f"runs and of {timing['bench_min_seconds']} s); latency is the median round's median, so that a "
@@ -161,7 +166,7 @@ def report_markdown(summary: dict[str, Any], figures: dict[str, str]) -> str:
     return "\n".join([
         f"# INT8 report: {model} on {Path(summary['data']['path']).name}\n",
         f"The INT8 file `{int8['onnx']}` ({_label(int8)}) loses {_pct(int8['drop'])} points of mAP@.5:.95 against "
-        f"FP32 on {int8['num_images']} val images, both run in ONNX Runtime: it {verdict}.\n",
+        f"FP32 on {int8['num_images']} val images, both run in {_engine(summary)}: it {verdict}.\n",
         headline_table(summary),
         f"![accuracy vs latency]({figures['accuracy_latency']})\n",
         "## Files tried\n", _tried_table(summary),

@@ -18,7 +18,7 @@ from repquant.data import load_data_config
 from repquant.deploy.report import Column, check_schema, markdown_table
 from repquant.errors import RepquantError
 from repquant.io import atomic_write_text
-from repquant.tasks.quant_config import QuantizeConfig
+from repquant.tasks.quant_config import ENGINE_NAMES, QuantizeConfig
 from repquant.tasks.stages import StageLog
 from repquant.vocab import METRIC_CHOICES
 
@@ -104,10 +104,10 @@ def reproduce_commands(cfg: QuantizeConfig) -> dict[str, str]:
               f"--min-seconds {cfg.bench_min_seconds} {batches}")
     return {
         "quantize": " ".join([f"{repquant} quantize --model {model} --data {data} --output {out}", *flags]),
-        "fp32_map": f"{repquant} eval --model {out}/fp32.onnx --data {data}",
-        "int8_map": f"{repquant} eval --model {out}/int8.onnx --data {data}",
-        "fp32_speed": f"{repquant} bench --model {out}/fp32.onnx --backend ort --precision fp32 {timing}",
-        "int8_speed": f"{repquant} bench --model {out}/int8.onnx --backend ort --precision int8 {timing}",
+        "fp32_map": f"{repquant} eval --model {out}/fp32.onnx --data {data} --backend {cfg.backend}",
+        "int8_map": f"{repquant} eval --model {out}/int8.onnx --data {data} --backend {cfg.backend}",
+        "fp32_speed": f"{repquant} bench --model {out}/fp32.onnx --backend {cfg.backend} --precision fp32 {timing}",
+        "int8_speed": f"{repquant} bench --model {out}/int8.onnx --backend {cfg.backend} --precision int8 {timing}",
     }
 
 
@@ -171,7 +171,8 @@ def console_summary(summary: dict[str, Any], paths: dict[str, Path]) -> str:
     layers = ", ".join(int8["keep_float_layers"]) or "none (every layer INT8)"
     return (headline_table(summary)
             + f"\nINT8 file {paths['int8']}: drop {_pct(int8['drop'])} pts, {verdict} the budget of "
-              f"{_pct(budget['max_ap_drop'])} pts ({int8['num_images']} val images, ONNX Runtime).\n"
+              f"{_pct(budget['max_ap_drop'])} pts ({int8['num_images']} val images, "
+              f"{ENGINE_NAMES[summary['speed']['backend']]}).\n"
             + f"Float layers ({int8['keep_float']}): {layers}\n"
             + f"Report: {paths['html']} (also {paths['markdown'].name}, {paths['summary'].name})")
 

@@ -24,8 +24,9 @@ from repquant.errors import RepquantError
 class RunnerOptions:
     """How to open a runner: ``precision`` (fp32 | fp16 | int8; int8 needs a Q/DQ model), intra-op
     ``threads`` (None: the engine's default), ``img_size`` for sources that do not fix their own (torch),
-    ``device`` (``auto``: CUDA when the backend needs or can use it), ``cuda_graphs`` (torch on CUDA) and
-    ONNX Runtime's ``graph_optimization`` level (``all`` | ``extended`` | ``basic`` | ``disable``)."""
+    ``device`` (``auto``: CUDA when the backend needs or can use it), ``cuda_graphs`` (torch on CUDA),
+    ONNX Runtime's ``graph_optimization`` level (``all`` | ``extended`` | ``basic`` | ``disable``) and
+    OpenVINO's performance ``hint`` (``latency`` | ``throughput``)."""
 
     precision: str = "fp32"
     threads: int | None = None
@@ -33,6 +34,7 @@ class RunnerOptions:
     device: str = "auto"
     cuda_graphs: bool = False
     graph_optimization: str = "all"
+    hint: str = "latency"
 
     def __post_init__(self) -> None:
         if self.precision not in vocab.PRECISIONS:

@@ -136,6 +136,9 @@ class OrtBackend:
     source = "onnx"
 
     def open(self, source: Any, options: Any) -> OrtDetector:
+        if options.precision == "bf16":
+            raise RepquantError("ONNX Runtime's CPU provider has no bf16 path for these models; bf16 runs on the "
+                                "openvino backend")
         if options.precision == "fp16":
             raise RepquantError("ONNX Runtime runs here on the CPU without fast fp16 kernels; use the tensorrt "
                                 "backend for fp16")

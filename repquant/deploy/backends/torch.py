@@ -19,6 +19,9 @@ class TorchRunner:
 
     def __init__(self, model: nn.Module, img_size: int, device: str = "cpu", precision: str = "fp32",
                  cuda_graphs: bool = False, threads: int | None = None) -> None:
+        if precision == "bf16":
+            raise RepquantError("the torch backend runs fp32 (and fp16 on CUDA); bf16 on the CPU: the openvino "
+                                "backend")
         if precision == "int8":
             raise RepquantError("the torch backend runs fp32 (and fp16 on CUDA); for int8 use the ort backend "
                                 "with a Q/DQ ONNX file, or tensorrt")

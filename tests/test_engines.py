@@ -10,53 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
-import torch
+from engine_files import build_files, images, run_ort
 
-from repquant.deploy.onnx_export import export_onnx
-from repquant.deploy.qdq import QDQExport, export_quantized_onnx
-from repquant.models import create_model
-from repquant.quant import QuantConfig, calibrate, find_placement, insert_quantizers
-from repquant.quant.config import quant_info
-from repquant.quant.qdq_export import export_qdq_onnx, weights_to_int8
-from repquant.reparam import reparameterize
-
-IMG = 96
+from repquant.quant.qdq_export import weights_to_int8
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """FP32 and INT8 (ORT layout) exports of one seeded yolov6n."""
-    root = tmp_path_factory.mktemp("engines")
-    torch.manual_seed(0)
-    model = reparameterize(create_model("yolov6n", num_classes=3).eval())
-    with torch.no_grad():  # YOLOv6 zero-inits the prediction convs; give them weights
-        for conv in [*model.head.cls_preds, *model.head.reg_preds]:
-            conv.weight.normal_(0.0, 0.05)
-    x = torch.rand(4, 3, IMG, IMG, generator=torch.Generator().manual_seed(1))
-    fp32 = export_onnx(model, root / "fp32.onnx", IMG, dynamic_batch=True)
-    qmodel = copy.deepcopy(model)
-    placement = find_placement(qmodel)
-    config = QuantConfig(quantize_conv_outputs=True)
-    insert_quantizers(qmodel, placement, config)
-    calibrate(qmodel, lambda m: m(x), "max", shared_groups=placement.shared_groups)
-    int8 = export_quantized_onnx(qmodel, root / "int8.onnx",
-                                 QDQExport(IMG, quant_info(config, "ort"), uint8_activations=True))
-    raw = export_qdq_onnx(qmodel, x[:1], root / "raw_qdq.onnx", output_names=("cls_logits", "reg_dist"))
-    return {"fp32": fp32, "int8": int8, "raw": raw}
-
-
-def _ort(path: Path, x: np.ndarray, level: str = "all") -> list[np.ndarray]:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-                                        "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}[level]
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: x})
-
-
-def _images(batch: int = 4) -> np.ndarray:
-    return np.random.default_rng(3).random((batch, 3, IMG, IMG), dtype=np.float32)
+    return build_files(tmp_path_factory.mktemp("engines"), raw=True)
 
 
 # --- INT8 weights ------------------------------------------------------------------------------------------
@@ -71,7 +33,7 @@ def test_int8_weights_compute_exactly_what_the_quantize_node_did(files: dict[str
     path = tmp_path / "folded.onnx"
     onnx.save(folded, path)
     for level in ("none", "all"):
-        for a, b in zip(_ort(files["raw"], _images(2), level), _ort(path, _images(2), level), strict=True):
+        for a, b in zip(run_ort(files["raw"], images(2), level), run_ort(path, images(2), level), strict=True):
             assert np.array_equal(a, b), level  # bit for bit, with and without ORT's fusions
 
 

@@ -24,21 +24,16 @@ _PER_CLASS_ABOVE = 1000  # batched_nms switches from the offset trick to a loop 
 def _greedy(suppress: np.ndarray) -> np.ndarray:
     """Greedy pass over a strictly upper-triangular (M, M) bool matrix: i suppresses j > i.
 
-    Returns the kept local indices (ascending, i.e. by descending score). Computed as the fixpoint of
-    ``keep[i] = no kept j < i suppresses i`` by whole-vector steps (one matrix-vector product each) instead of a
-    Python loop over the boxes: ``keep[i]`` depends only on earlier entries, so after ``t`` steps the first ``t``
-    are final, the fixpoint is the greedy result, and a step that changes nothing proves it is reached. Chains
-    of boxes that switch each other on and off are short in practice, so a handful of steps replace M
-    iterations.
+    Returns the kept local indices (ascending, i.e. by descending score).
     """
-    weights = suppress.astype(np.float32)
-    keep = np.ones(suppress.shape[0], dtype=bool)
-    for _ in range(suppress.shape[0] + 1):
-        updated = (keep.astype(np.float32) @ weights) == 0
-        if np.array_equal(updated, keep):
-            break
-        keep = updated
-    return np.flatnonzero(keep).astype(np.int64)
+    removed = np.zeros(suppress.shape[0], dtype=bool)
+    keep: list[int] = []
+    for i in range(suppress.shape[0]):
+        if removed[i]:
+            continue
+        keep.append(i)
+        removed |= suppress[i]
+    return np.asarray(keep, dtype=np.int64)
 
 
 def nms(boxes: Tensor, scores: Tensor, iou_thres: float, max_keep: int | None = None) -> Tensor:

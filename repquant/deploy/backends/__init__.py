@@ -67,6 +67,24 @@ class Backend(Protocol):
     def open(self, source: Any, options: RunnerOptions) -> Runner: ...
 
 
+def images_as_numpy(images: Any) -> Any:
+    """``images`` (a torch tensor or array-like) as a contiguous float32 numpy array, for ONNX engines."""
+    import numpy as np
+
+    if hasattr(images, "detach"):  # a torch tensor; avoids importing torch here
+        images = images.detach().to("cpu").numpy()
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def seeded_images(batch: int, img_size: tuple[int, int] | None, source: Any) -> Any:
+    """A seeded timing input of ``batch`` images for an engine whose model fixes ``img_size``."""
+    import numpy as np
+
+    if img_size is None:
+        raise RepquantError(f"{source}: the ONNX input has no static image size; cannot build an input")
+    return np.random.default_rng(0).random((batch, 3, *img_size), dtype=np.float32)
+
+
 def backend_names() -> tuple[str, ...]:
     """The registered backends (``repquant.vocab.BACKENDS``, read at call time)."""
     return vocab.BACKENDS

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from repquant.deploy.backends import images_as_numpy, seeded_images
 from repquant.deploy.onnx_export import onnx_has_qdq, read_onnx_metadata
 from repquant.deploy.onnx_file import load_onnx_graph
 from repquant.errors import CheckpointError, MissingDependencyError, ModelError, RepquantError
@@ -104,7 +105,7 @@ class OpenVinoRunner:
         return max(n for n in range(1, min(optimal, batch) + 1) if batch % n == 0)
 
     def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        array = _to_numpy(images)
+        array = images_as_numpy(images)
         if array.ndim != 4 or array.shape[1] != 3:
             raise ModelError(f"{self.path}: expected images of shape (B, 3, H, W), got {tuple(array.shape)}")
         if self.img_size is None:
@@ -146,15 +147,8 @@ class OpenVinoRunner:
         return pool[:count]
 
     def make_input(self, batch: int) -> np.ndarray:
-        if self.img_size is None:
-            raise RepquantError(f"{self.path}: the ONNX input has no static image size; cannot build an input")
-        return np.random.default_rng(0).random((batch, 3, *self.img_size), dtype=np.float32)
+        return seeded_images(batch, self.img_size, self.path)
 
-
-def _to_numpy(images: Any) -> np.ndarray:
-    if hasattr(images, "detach"):  # a torch tensor; avoids importing torch here
-        images = images.detach().to("cpu").numpy()
-    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 class OpenVinoBackend:

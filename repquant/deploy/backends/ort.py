@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from repquant.deploy.backends import images_as_numpy, seeded_images
 from repquant.deploy.onnx_export import decode_onnx_metadata, onnx_has_qdq
 from repquant.deploy.onnx_file import load_onnx_graph
 from repquant.errors import CheckpointError, ModelError, RepquantError
@@ -94,7 +95,7 @@ class OrtDetector:
 
     def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """Run the session on ``images (B, 3, H, W)``; returns the two outputs as numpy arrays."""
-        array = _to_numpy(images)
+        array = images_as_numpy(images)
         if array.ndim != 4 or array.shape[1] != 3:
             raise ModelError(f"{self.path}: expected images of shape (B, 3, H, W), got {tuple(array.shape)}")
         if self.img_size is not None and tuple(array.shape[2:]) != tuple(self.img_size):
@@ -111,9 +112,7 @@ class OrtDetector:
 
     def make_input(self, batch: int) -> np.ndarray:
         """A seeded timing input of ``batch`` images at the file's size."""
-        if self.img_size is None:
-            raise RepquantError(f"{self.path}: the ONNX input has no static image size; cannot build an input")
-        return np.random.default_rng(0).random((batch, 3, *self.img_size), dtype=np.float32)
+        return seeded_images(batch, self.img_size, self.path)
 
     def __repr__(self) -> str:
         return (
@@ -121,11 +120,6 @@ class OrtDetector:
             f"providers={self.session.get_providers()})"
         )
 
-
-def _to_numpy(images: Any) -> np.ndarray:
-    if hasattr(images, "detach"):  # a torch tensor; avoids importing torch here
-        images = images.detach().to("cpu").numpy()
-    return np.ascontiguousarray(images, dtype=np.float32)
 
 
 

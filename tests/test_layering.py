@@ -26,7 +26,7 @@ PEERS = {("quant", "train"), ("train", "quant")}
 # Heavy or optional third-party packages, and the only modules allowed to import them.
 OWNERS = {
     "modelopt": {"quant/_modelopt.py"},
-    "tensorrt": {"deploy/tensorrt.py"},
+    "tensorrt": {"deploy/tensorrt.py", "deploy/tensorrt_runner.py"},  # the engine builder and its runner
     "openvino": {"deploy/backends/openvino.py"},
     "nncf": set(),
     "pycuda": {"deploy/tensorrt.py"},

@@ -3,8 +3,8 @@ builds and runs need TensorRT and a GPU (markers ``tensorrt`` and ``gpu``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +13,17 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from repquant.deploy.tensorrt import (
-    TrtRunner,
     build_engine,
     engine_metadata_path,
     onnx_has_fp16_weights,
     onnx_has_qdq,
     read_engine_metadata,
+    tensorrt_available,
 )
+from repquant.deploy.tensorrt_runner import TrtRunner
 from repquant.errors import CheckpointError, MissingDependencyError, RepquantError
 
-HAS_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+HAS_TENSORRT = tensorrt_available()
 INSTALL_HINT = "pip install 'repquant[tensorrt]'"
 IMG = 64
 
@@ -104,7 +105,6 @@ def test_build_engine_checks_arguments_first(tmp_path: Path, fp32_onnx: Path) ->
 
 @pytest.mark.skipif(HAS_TENSORRT, reason="TensorRT is installed: the missing-dependency path cannot run")
 def test_build_engine_without_tensorrt_names_the_extra(tmp_path: Path, fp32_onnx: Path) -> None:
-    assert importlib.util.find_spec("tensorrt") is None
     with pytest.raises(MissingDependencyError, match="tensorrt is required") as info:
         build_engine(fp32_onnx, tmp_path / "m.engine", precision="fp32", batch_sizes=(1,))
     message = str(info.value)
@@ -131,11 +131,46 @@ def test_runner_and_bench_without_tensorrt(tmp_path: Path, fp32_onnx: Path) -> N
                               iters=1))
 
 
+# --- the TensorRT API use, type-checked against NVIDIA's published stubs (no TensorRT needed) ----------------
+
+ROOT = Path(__file__).resolve().parent.parent
+STUBS = ROOT / ".typestubs" / "tensorrt" / "__init__.pyi"
+MODULES = [ROOT / "repquant" / "deploy" / name for name in ("tensorrt.py", "tensorrt_runner.py")]
+
+
+def _mypy(path: Path, cache: Path) -> tuple[str, int]:
+    from mypy import api
+
+    out, err, status = api.run(["--config-file", str(ROOT / "pyproject.toml"), "--cache-dir", str(cache),
+                                "--follow-imports", "silent", str(path)])
+    return out + err, status
+
+
+@pytest.mark.skipif(not STUBS.is_file(), reason="TensorRT stubs absent: run python .ci/tensorrt_stubs.py (CI does)")
+def test_tensorrt_module_type_checks_against_the_stubs(tmp_path: Path) -> None:
+    """The module passes, and the same module with a wrong TensorRT call (name, argument type) fails:
+    proof that the stubs are read, not skipped as an untyped import."""
+    for module in MODULES:
+        out, status = _mypy(module, tmp_path / "cache")
+        assert status == 0, out
+    for good, bad, message in [
+        ("execute_async_v3(", "execute_async_v4(", r'"IExecutionContext" has no attribute "execute_async_v4"'),
+        ("builder.create_network(0)", 'builder.create_network("0")', r'"create_network" of "Builder" has incompatible'),
+        ("trt.MemoryPoolType.WORKSPACE,", "trt.MemoryPoolType.WORKSPACES,", r'has no attribute "WORKSPACES"'),
+    ]:
+        module = next(m for m in MODULES if good in m.read_text())
+        broken = tmp_path / "repquant_tensorrt_broken.py"
+        broken.write_text(module.read_text().replace(good, bad))
+        out, status = _mypy(broken, tmp_path / "cache")
+        assert status == 1 and re.search(message, out), out
+
+
 # --- real engines (TensorRT + GPU) ----------------------------------------------------------------
 
 
 def _require_trt_gpu() -> None:
-    pytest.importorskip("tensorrt")
+    if not HAS_TENSORRT:
+        pytest.skip("needs TensorRT")
     import torch
 
     if not torch.cuda.is_available():
@@ -206,3 +241,42 @@ def test_bench_command_tensorrt(tmp_path: Path, fp32_onnx: Path) -> None:
                                    warmup=2, iters=5))
     validate_report(report.to_dict())
     assert [r.timer for r in report.results] == ["cuda_events"] * 2
+
+
+# --- the ready GPU script (benchmarks/gpu/run.sh) --------------------------------------------------------------
+
+
+# torch's own dependencies, imported lazily by torch itself (sympy for shapes); all present where torch is
+TORCH_LAZY_DEPS = {"sympy", "mpmath", "networkx", "jinja2", "markupsafe", "filelock", "fsspec", "typing_extensions"}
+
+
+def test_gpu_bench_script_runs_with_only_torch_and_repquant(tmp_path: Path) -> None:
+    """The lent GPU machine has no registry: the script must import nothing beyond torch, numpy and repquant's
+    model/timing modules. Its CPU smoke mode runs the same code path and writes the JSON schema."""
+    import subprocess
+    import sys
+
+    script = ROOT / "benchmarks" / "gpu" / "bench_gpu.py"
+    out = tmp_path / "bench_gpu.json"
+    args = ["--device", "cpu", "--variant", "yolov6n", "--img-size", "64", "--batch", "1", "--batch", "2",
+            "--iters", "2", "--warmup", "1", "--rounds", "1", "--output", str(out)]
+    probe = (  # what the script imports beyond torch and numpy
+        "import json, runpy, sys, numpy, torch\n"
+        "base = set(sys.modules)\n"
+        f"sys.argv = ['bench_gpu.py', *{args!r}]\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit as stop:\n"
+        "    assert not stop.code, stop.code\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in set(sys.modules) - base})))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    imported = set(json.loads(done.stdout.splitlines()[-1]))
+    assert "repquant" in imported
+    third_party = imported - set(sys.stdlib_module_names) - {"repquant", "torch", "numpy"}
+    assert not third_party - TORCH_LAZY_DEPS, third_party
+    report = json.loads(out.read_text())
+    assert report["schema"] == "repquant.bench-gpu/1" and report["environment"]["cpu_model"]
+    assert [(r["mode"], r["batch_size"]) for r in report["results"]] == [("fp32", 1), ("fp32", 2)]

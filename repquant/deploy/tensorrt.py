@@ -1,6 +1,6 @@
-"""TensorRT engines from repquant ONNX files, and a runner for benchmarks.
+"""TensorRT engines from repquant ONNX files (the runner: ``repquant.deploy.tensorrt_runner``).
 
-The only module that imports ``tensorrt`` (inside functions, so importing this module is cheap and
+With the runner, the only modules that import ``tensorrt`` (inside functions, so importing them is cheap and
 works without TensorRT). Buffers, streams and events come from torch: no pycuda.
 
 Precision follows explicit quantization: INT8 comes from the Q/DQ nodes of the ONNX file (written
@@ -28,11 +28,14 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from repquant.deploy.onnx_export import onnx_has_qdq
 from repquant.errors import CheckpointError, MissingDependencyError, ModelError, RepquantError
 from repquant.io import atomic_open, atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:  # typed against the published ``tensorrt-stubs`` (TensorRT 10 API) in CI
+    import tensorrt as trt
 
 ENGINE_METADATA_VERSION = 1
 
@@ -65,13 +68,26 @@ class EngineInfo:
         return data
 
 
-def import_tensorrt(purpose: str = "building TensorRT engines") -> Any:
-    """``import tensorrt``, or :class:`MissingDependencyError` with the install hint."""
+def tensorrt_available() -> bool:
+    """Whether the TensorRT runtime imports. The stub-only ``tensorrt-stubs`` package (installed for the type
+    check) makes ``tensorrt`` an empty namespace package: that is not TensorRT."""
     try:
-        import tensorrt as trt
+        import tensorrt
     except ImportError:
-        raise MissingDependencyError("tensorrt", "tensorrt", purpose) from None
-    return trt
+        return False
+    return hasattr(tensorrt, "Builder")
+
+
+def import_tensorrt(purpose: str = "building TensorRT engines") -> str:
+    """Check that TensorRT imports (else :class:`MissingDependencyError` with the install hint); its version.
+
+    Callers then ``import tensorrt as trt`` themselves, so the type checker sees the real module.
+    """
+    if not tensorrt_available():
+        raise MissingDependencyError("tensorrt", "tensorrt", purpose)
+    import tensorrt
+
+    return str(tensorrt.__version__)
 
 
 def require_cuda(what: str) -> Any:
@@ -141,14 +157,16 @@ def build_engine(
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     batches = _check_request(onnx_path, precision, batch_sizes)
-    trt = _import_trt10(onnx_path, precision)
+    _check_trt10(onnx_path, precision)
+    import tensorrt as trt
+
     torch = require_cuda("building a TensorRT engine")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network, parser = _parse_network(trt, builder, logger, onnx_path)
+    network, parser = _parse_network(builder, logger, onnx_path)
     tensor = network.get_input(0)
-    input_name, input_shape = tensor.name, tuple(int(d) for d in tensor.shape)
-    config = _builder_config(trt, builder, precision, workspace_mb)
+    input_name, input_shape = tensor.name, shape_of(tensor.shape)
+    config = _builder_config(builder, precision, workspace_mb)
     _add_profiles(builder, config, onnx_path, input_name, input_shape, batches)
     cache_path = Path(timing_cache) if timing_cache is not None else None
     if cache_path is not None:
@@ -174,24 +192,27 @@ def build_engine(
     return info
 
 
-def _import_trt10(onnx_path: Path, precision: str) -> Any:
+def _check_trt10(onnx_path: Path, precision: str) -> None:
     """TensorRT >= 10; under 11 (strongly typed, no precision flags) an FP16 build needs FP16 weights."""
-    trt = import_tensorrt()
-    major = int(trt.__version__.split(".")[0])
-    if major < 10:
-        found = trt.__version__
-        raise MissingDependencyError("tensorrt>=10", "tensorrt", f"building engines (found {found})")
+    version = import_tensorrt()
+    if int(version.split(".")[0]) < 10:
+        raise MissingDependencyError("tensorrt>=10", "tensorrt", f"building engines (found {version})")
+    import tensorrt as trt
+
     strongly_typed = not hasattr(trt.BuilderFlag, "INT8")  # removed in TensorRT 11
     if strongly_typed and precision == "fp16" and not onnx_has_fp16_weights(onnx_path):
         raise RepquantError(
-            f"{onnx_path}: TensorRT {trt.__version__} builds strongly typed networks, so an FP16 engine "
+            f"{onnx_path}: TensorRT {version} builds strongly typed networks, so an FP16 engine "
             "needs an ONNX file with FP16 weights"
         )
-    return trt
 
 
-def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tuple[Any, Any]:
+def _parse_network(
+    builder: trt.Builder, logger: trt.ILogger, onnx_path: Path
+) -> tuple[trt.INetworkDefinition, trt.OnnxParser]:
     """The parsed network (and its parser, which must outlive it) of a one-input ONNX file."""
+    import tensorrt as trt
+
     # TRT 11 ignores the flags (always strongly typed); TRT 10 runs weakly typed so that precision flags apply.
     network = builder.create_network(0)
     parser = trt.OnnxParser(network, logger)
@@ -203,9 +224,11 @@ def _parse_network(trt: Any, builder: Any, logger: Any, onnx_path: Path) -> tupl
     return network, parser
 
 
-def _builder_config(trt: Any, builder: Any, precision: str, workspace_mb: int) -> Any:
+def _builder_config(builder: trt.Builder, precision: str, workspace_mb: int) -> trt.IBuilderConfig:
     """Workspace limit and, under TensorRT 10, the precision flags (FP16 also for INT8 engines: layers left
     outside Q/DQ may run in FP16, as YOLOv6's TensorRT deployment does)."""
+    import tensorrt as trt
+
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mb) << 20)
     has_precision_flags = hasattr(trt.BuilderFlag, "INT8")
@@ -220,7 +243,8 @@ def _builder_config(trt: Any, builder: Any, precision: str, workspace_mb: int) -
 
 
 def _add_profiles(
-    builder: Any, config: Any, onnx_path: Path, name: str, shape: tuple[int, ...], batches: tuple[int, ...]
+    builder: trt.Builder, config: trt.IBuilderConfig, onnx_path: Path, name: str, shape: tuple[int, ...],
+    batches: tuple[int, ...],
 ) -> None:
     if len(shape) != 4 or any(d < 0 for d in shape[1:]):
         raise ModelError(f"{onnx_path}: input {name} must be (B, 3, H, W) with static H and W, got {shape}")
@@ -231,11 +255,18 @@ def _add_profiles(
                 f"{list(batches)}; export with a dynamic batch"
             )
         return
+    import tensorrt as trt
+
     for batch in batches:
         profile = builder.create_optimization_profile()
-        dims = (batch, *shape[1:])
+        dims = trt.Dims([batch, *shape[1:]])
         profile.set_shape(name, dims, dims, dims)
         config.add_optimization_profile(profile)
+
+
+def shape_of(dims: trt.Dims) -> tuple[int, ...]:
+    """A TensorRT ``Dims`` as a tuple (-1 for a dynamic axis)."""
+    return tuple(int(dims[i]) for i in range(len(dims)))
 
 
 def engine_metadata_path(engine_path: str | os.PathLike) -> Path:
@@ -253,121 +284,3 @@ def read_engine_metadata(engine_path: str | os.PathLike) -> dict[str, Any] | Non
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: unreadable engine metadata ({err})") from None
-
-
-_TORCH_DTYPES = {
-    "FLOAT": "float32",
-    "HALF": "float16",
-    "BF16": "bfloat16",
-    "INT8": "int8",
-    "INT32": "int32",
-    "INT64": "int64",
-    "BOOL": "bool",
-    "UINT8": "uint8",
-}
-
-
-class TrtRunner:
-    """Run a serialized engine on torch CUDA tensors.
-
-    ``runner(images)`` with ``images: (B, 3, H, W)`` on the GPU (dtype of the engine input, usually
-    float32) returns the engine outputs as torch CUDA tensors, in engine order (``boxes (B, A, 4)``,
-    ``scores (B, A, nc)`` for a decoded export). Output buffers are allocated once per batch size and
-    reused: copy them if you keep results across calls. The launch is asynchronous on
-    ``self.stream``; the call waits for nothing, so time it with CUDA events on that stream (or call
-    ``torch.cuda.synchronize()``).
-    """
-
-    def __init__(self, engine_path: str | os.PathLike) -> None:
-        self.path = Path(engine_path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{self.path}: no such TensorRT engine file")
-        trt = import_tensorrt("running TensorRT engines")
-        torch = require_cuda("running a TensorRT engine")
-        self._trt, self._torch = trt, torch
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(self.path.read_bytes())
-        if self.engine is None:
-            raise CheckpointError(
-                f"{self.path}: TensorRT {trt.__version__} cannot load this engine "
-                "(built by another TensorRT version or for another GPU?)"
-            )
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.input_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-        self.output_names = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(self.input_names) != 1:
-            raise ModelError(f"{self.path}: expected one input tensor, found {len(self.input_names)}")
-        self.input_name = self.input_names[0]
-        self.input_shape = tuple(self.engine.get_tensor_shape(self.input_name))
-        self.input_dtype = getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(self.input_name).name])
-        self.stream = torch.cuda.Stream()
-        # One context whose profile follows the batch: a profile may serve one context at a time.
-        self.context = self.engine.create_execution_context()
-        self._batch: int | None = None
-        self._outputs: dict[int, dict[str, Any]] = {}
-        self.metadata = read_engine_metadata(self.path)
-
-    def batch_sizes(self) -> list[int]:
-        """The batch sizes this engine serves (the static batch, or those of its optimization profiles)."""
-        if self.input_shape[0] >= 0:
-            return [int(self.input_shape[0])]
-        sizes: list[int] = []
-        for index in range(self.engine.num_optimization_profiles):
-            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, index)
-            sizes.extend(range(int(low[0]), int(high[0]) + 1))
-        return sorted(set(sizes))
-
-    def _profile_for(self, batch: int) -> int:
-        for index in range(self.engine.num_optimization_profiles):
-            low, _, high = self.engine.get_tensor_profile_shape(self.input_name, index)
-            if int(low[0]) <= batch <= int(high[0]):
-                return index
-        served = self.batch_sizes()
-        raise ModelError(f"{self.path}: no optimization profile for batch {batch} (serves {served})")
-
-    def _prepare(self, shape: tuple[int, ...]) -> dict[str, Any]:
-        """Select the profile and input shape for ``shape``'s batch; bind that batch's output buffers."""
-        batch = shape[0]
-        if batch == self._batch:
-            return self._outputs[batch]
-        if self.input_shape[0] >= 0:
-            if batch != self.input_shape[0]:
-                raise ModelError(f"{self.path}: engine has static batch {self.input_shape[0]}, got {batch}")
-        else:
-            self.context.set_optimization_profile_async(self._profile_for(batch), self.stream.cuda_stream)
-        self.context.set_input_shape(self.input_name, shape)
-        torch = self._torch
-        if batch not in self._outputs:
-            buffers = {}
-            for name in self.output_names:
-                dims = tuple(self.context.get_tensor_shape(name))
-                dtype = getattr(torch, _TORCH_DTYPES[self.engine.get_tensor_dtype(name).name])
-                buffers[name] = torch.empty(dims, dtype=dtype, device="cuda")
-            self._outputs[batch] = buffers
-        for name, buffer in self._outputs[batch].items():
-            self.context.set_tensor_address(name, buffer.data_ptr())
-        self._batch = batch
-        return self._outputs[batch]
-
-    def __call__(self, images: Any) -> tuple[Any, ...]:
-        """Enqueue the engine on ``images (B, 3, H, W)`` (CUDA); returns the output tensors."""
-        if not getattr(images, "is_cuda", False):
-            raise ModelError(f"{self.path}: TensorRT inputs must be CUDA tensors")
-        if tuple(images.shape[1:]) != tuple(self.input_shape[1:]):
-            raise ModelError(
-                f"{self.path}: engine input is {tuple(self.input_shape)}, got {tuple(images.shape)}"
-            )
-        images = images.contiguous()
-        outputs = self._prepare(tuple(int(d) for d in images.shape))
-        self.context.set_tensor_address(self.input_name, images.data_ptr())
-        # The input may come from torch's current stream: make the engine's stream wait for it.
-        self.stream.wait_stream(self._torch.cuda.current_stream())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise ModelError(f"{self.path}: TensorRT execution failed for batch {images.shape[0]}")
-        # Reverse direction: later torch work on the current stream sees finished outputs.
-        self._torch.cuda.current_stream().wait_stream(self.stream)
-        return tuple(outputs[name] for name in self.output_names)
-
-    def __repr__(self) -> str:
-        return f"TrtRunner({str(self.path)!r}, batch_sizes={self.batch_sizes()})"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,31 @@ def _fold_constant_casts(model: onnx.ModelProto) -> int:
     return folded
 
 
+def _drop_noop_casts(model: onnx.ModelProto) -> int:
+    """Remove every ``Cast`` to the type its input already has (modelopt's quantizer casts its input to the
+    compute dtype, float32 to float32 here); returns how many. Such a Cast between a tensor and its Q/DQ
+    hides the tensor's quantization from pattern matchers (TensorRT's Q/DQ fusion, placement checks)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    graph_outputs = {o.name for o in model.graph.output}
+    dropped = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Cast" or node.output[0] in graph_outputs:
+            continue
+        to = next(a.i for a in node.attribute if a.name == "to")
+        if types.get(node.input[0]) != to:
+            continue
+        for consumer in model.graph.node:
+            for i, value in enumerate(consumer.input):
+                if value == node.output[0]:
+                    consumer.input[i] = node.input[0]
+        model.graph.node.remove(node)
+        dropped += 1
+    return dropped
+
+
 def export_qdq_onnx(
     model: nn.Module,
     example_input: torch.Tensor,
@@ -82,6 +108,7 @@ def export_qdq_onnx(
     model.train(was_training)
     proto = onnx.load(str(path))
     _fold_constant_casts(proto)
+    _drop_noop_casts(proto)
     try:
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as err:
@@ -245,3 +272,53 @@ def ort_optimized_op_counts(onnx_path: str | Path, optimized_path: str | Path) -
     options.log_severity_level = 3  # the optimized-model hardware warning is expected
     ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     return Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node)
+
+
+@dataclass(frozen=True)
+class QuantizedInput:
+    """One operator input fed by a DequantizeLinear: the float ``tensor`` behind the Q/DQ (a weight
+    initializer name, or the activation's producer output), its ``kind`` (weight or activation), the
+    per-channel ``axis`` (None: per tensor) and the number of scales."""
+
+    tensor: str
+    kind: str
+    axis: int | None
+    num_scales: int
+
+
+_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
+
+
+def quantized_inputs(proto: onnx.ModelProto) -> dict[tuple[str, int], QuantizedInput]:
+    """Which inputs of which operators a QDQ graph quantizes: ``{(node name, input index): QuantizedInput}``.
+
+    The placement of two QDQ files of one network compares by these keys (the exporters name nodes by module
+    path), whatever tool wrote the Q/DQ nodes and however it spelled weights and scales.
+    """
+    graph = proto.graph
+    producers = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name for i in graph.initializer}
+    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+
+    def source(tensor: str) -> tuple[str, bool]:
+        node = producers.get(tensor)
+        while node is not None and node.op_type in _PASS_THROUGH:
+            tensor = node.input[0]
+            node = producers.get(tensor)
+        return tensor, tensor in initializers or (node is not None and node.op_type == "Constant")
+
+    found: dict[tuple[str, int], QuantizedInput] = {}
+    for node in graph.node:
+        if node.op_type in (*_PASS_THROUGH, "Constant"):
+            continue
+        for index, value in enumerate(node.input):
+            dq = producers.get(value)
+            if dq is None or dq.op_type != "DequantizeLinear":
+                continue
+            tensor, is_weight = source(dq.input[0])
+            scale = np.asarray(constants.get(dq.input[1], np.zeros(1)))
+            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if scale.size > 1 else None
+            found[(node.name, index)] = QuantizedInput(tensor, "weight" if is_weight else "activation", axis,
+                                                       int(scale.size))
+    return found

@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from repquant.deploy.tensorrt import TrtRunner, build_engine, import_tensorrt
+from repquant.deploy.tensorrt import build_engine, import_tensorrt
+from repquant.deploy.tensorrt_runner import TrtRunner
 from repquant.modelfile import ENGINE_SUFFIXES
 
 

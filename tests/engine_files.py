@@ -14,7 +14,7 @@ from repquant.deploy.onnx_export import export_onnx
 from repquant.deploy.qdq import QDQExport, export_quantized_onnx
 from repquant.models import create_model
 from repquant.quant import QuantConfig, calibrate, find_placement, insert_quantizers
-from repquant.quant.config import quant_info
+from repquant.quant.config import quant_info, with_layout
 from repquant.quant.qdq_export import export_qdq_onnx
 from repquant.reparam import reparameterize
 
@@ -32,7 +32,7 @@ def build_files(root: Path, raw: bool = False) -> dict[str, Path]:
     files = {"fp32": export_onnx(model, root / "fp32.onnx", IMG, dynamic_batch=True)}
     qmodel = copy.deepcopy(model)
     placement = find_placement(qmodel)
-    config = QuantConfig(quantize_conv_outputs=True)
+    config = with_layout(QuantConfig(), "ort")
     insert_quantizers(qmodel, placement, config)
     calibrate(qmodel, lambda m: m(x), "max", shared_groups=placement.shared_groups)
     files["int8"] = export_quantized_onnx(qmodel, root / "int8.onnx",

@@ -22,6 +22,7 @@ pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt (extr
 
 from repquant.checkpoint import load_checkpoint  # noqa: E402
 from repquant.quant import ort_optimized_op_counts, qdq_nodes  # noqa: E402
+from repquant.quant.qdq_export import merge_repeated_qdq  # noqa: E402
 from repquant.tasks import ptq as ptq_task  # noqa: E402
 from repquant.tasks.config import PTQConfig  # noqa: E402
 
@@ -71,10 +72,12 @@ def test_qdq_graph(ptq) -> None:
     assert all(inits[r["input"]].data_type == onnx.TensorProto.INT8 for r in weight_rows)
     assert Counter(r["op"] for r in rows)["DequantizeLinear"] == len(quantizes) + len(weight_rows)
     assert all(r["zero_point_dtype"] == np.int8 and r["zero_point_max_abs"] == 0 for r in weight_rows)
-    # Activations: int8 for TensorRT; uint8 with zero point 128 (the same numbers) for ONNX Runtime.
-    act_zero_point = (np.int8, 0) if ptq.layout == "tensorrt" else (np.uint8, 128)
-    assert all((r["zero_point_dtype"], r["zero_point_max_abs"]) == act_zero_point
-               for r in rows if r not in weight_rows)
+    # Activations: int8 for TensorRT; for ONNX Runtime uint8, zero point 128 (symmetric, the same numbers) or 0
+    # (placement 2: ReLU outputs and other non-negative tensors, 8 bits over [0, amax]).
+    u8, s8 = np.dtype(np.uint8), np.dtype(np.int8)
+    act_zero_points = {(s8, 0)} if ptq.layout == "tensorrt" else {(u8, 128), (u8, 0)}
+    found = {(r["zero_point_dtype"], r["zero_point_max_abs"]) for r in rows if r not in weight_rows}
+    assert found == act_zero_points, found
     weights = [{**r, "input": str(r["input"]).removesuffix("_quantized")} for r in weight_rows]
     # Every conv but the keep-float ones has a per-channel (axis 0) weight quantizer.
     float_weights = {f"model.{name}.weight" for name in ptq.keep_float_layers}
@@ -86,10 +89,14 @@ def test_qdq_graph(ptq) -> None:
         assert r["axis"] == axis and r["num_scales"] == inits[f"{r['input']}_quantized"].dims[axis]
     activations = quantizes
     assert all(r["axis"] is None and r["num_scales"] == 1 for r in activations)
-    # TensorRT layout: one input quantizer per INT8 conv + the SPPF pool input at each of its 3 calls;
-    # the ORT layout adds one output quantizer per INT8 conv.
-    per_conv = 1 if ptq.layout == "tensorrt" else 2
-    assert len(activations) == per_conv * len(int8_convs) + 3
+    # TensorRT layout: one input quantizer per INT8 conv + the SPPF pool input at each of its 3 calls.
+    # ORT layout (placement 2): one Q/DQ per quantized tensor, fewer than the input + output quantizer per INT8
+    # conv of placement 1; nothing left to merge.
+    if ptq.layout == "tensorrt":
+        assert len(activations) == len(int8_convs) + 3
+    else:
+        assert len(int8_convs) < len(activations) < 2 * len(int8_convs) + 3
+        assert merge_repeated_qdq(proto) == 0
     for weight in float_weights:  # keep-float convs read float inputs and float weights
         conv = convs[weight]
         source = producers.get(conv.input[0])  # None: the graph input
@@ -101,8 +108,12 @@ def test_ort_runs_integer_convolutions(ptq, tmp_path: Path) -> None:
         pytest.skip("the TensorRT layout leaves conv outputs float; ORT fuses only the ORT layout")
     counts = ort_optimized_op_counts(ptq.onnx_path, tmp_path / "optimized.onnx")
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(ptq.onnx_path)).graph.node)
-    # Every INT8 conv runs as QLinearConv (the head's SiLU convs too); only the keep-float ones stay Conv.
-    assert counts["QLinearConv"] == convs - KEEP_FLOAT and counts["Conv"] == KEEP_FLOAT, counts
+    # Every INT8 conv runs as QLinearConv (the head's SiLU convs too), and no ReLU is left in float. In float: the
+    # keep-float convs, and the producers of the ReLU tensors they read (which they must read in float: see
+    # repquant.quant.calibrate.float_layer_quantizers), at most one per kept conv.
+    in_float = counts["Conv"] + counts["FusedConv"]
+    assert counts["QLinearConv"] + in_float == convs and KEEP_FLOAT <= in_float <= 2 * KEEP_FLOAT, counts
+    assert counts["Relu"] <= in_float, counts
 
 
 def test_parity_catches_a_wrong_scale(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from torch import nn
 from repquant.errors import ModelError, RecipeError
 from repquant.quant import (
     QuantConfig,
+    QuantPlacement,
     calibrate,
     disable_quantizers,
     find_placement,
@@ -86,9 +87,19 @@ def test_placement_finds_exact_quantizers_and_groups() -> None:
     }
     assert not any("dfl" in n for n in p.names())
     # The pool's input, its (pooled) outputs and the concat into sppf_out carry one scale.
-    assert {frozenset(g) for g in p.shared_groups} == {
-        frozenset({"pool.input_quantizer", "sppf_out.input_quantizer"})
-    }
+    assert _consumer_groups(p) == {frozenset({"pool.input_quantizer", "sppf_out.input_quantizer"})}
+    # ReLU quantizers (ONNX Runtime layout only) stand in for the conv's output quantizer only where the ReLU
+    # module runs once: ``act`` and ``block.act`` run on several tensors (one quantizer, one scale for all).
+    # The pool's output quantizer (ONNX Runtime layout) joins the pool's group.
+    assert p.relu_after == () and {frozenset(g) for g in p.shared_groups} == {
+        frozenset({"pool.input_quantizer", "pool.output_quantizer", "sppf_out.input_quantizer"})}
+
+
+def _consumer_groups(p: QuantPlacement) -> set[frozenset[str]]:
+    """The shared groups without the ReLU and MaxPool output quantizers (only the ONNX Runtime layout has them)."""
+    names = set(p.names())
+    groups = {frozenset(n for n in g if n in names) for g in p.shared_groups}
+    return {g for g in groups if len(g) > 1}
 
 
 def test_consumers_of_one_tensor_share_a_scale() -> None:
@@ -235,7 +246,7 @@ def test_deployed_yolov6n_placement() -> None:
     assert set(p.names("weight")) == {f"{n}.weight_quantizer" for n in convs + transposed}
     assert set(p.names("input")) == {f"{n}.input_quantizer" for n in convs + transposed + pools}
     assert all(q.axis == 1 for q in p.quantizers if q.role == "weight" and q.layer in transposed)
-    groups = {frozenset(g) for g in p.shared_groups}
+    groups = _consumer_groups(p)
     sppf = pools[0].rpartition(".")[0]
     assert frozenset({f"{pools[0]}.input_quantizer", f"{sppf}.cv5.conv.input_quantizer"}) in groups
     # cls and reg branches read the same stem output: one scale.

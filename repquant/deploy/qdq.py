@@ -25,7 +25,13 @@ from repquant.models.head import DecodedDetector
 from repquant.quant.checkpoint import load_quantized_model
 from repquant.quant.metrics import snr_db
 from repquant.quant.placement import QuantPlacement
-from repquant.quant.qdq_export import activations_to_uint8, convs_to_fp16, export_qdq_onnx, weights_to_int8
+from repquant.quant.qdq_export import (
+    activations_to_uint8,
+    convs_to_fp16,
+    export_qdq_onnx,
+    merge_repeated_qdq,
+    weights_to_int8,
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ def export_quantized_onnx(qmodel: nn.Module, path: str | os.PathLike, how: QDQEx
         proto = convs_to_fp16(proto, {f"model.{name}.weight" for name in how.fp16_layers})
     if how.uint8_activations:
         activations_to_uint8(proto)
+        merge_repeated_qdq(proto)
     weights_to_int8(proto)  # after the FP16 rewrite, which reads float weights
     metadata = export_metadata(qmodel.config, img_hw, 0 if how.dynamic_batch else 1)
     metadata["repquant_quant"] = json.dumps(how.info, sort_keys=True)

@@ -77,12 +77,48 @@ def iter_quantizers(model: nn.Module) -> Iterator[tuple[str, Any]]:
             yield name, module
 
 
-def quantize_modules(model: nn.Module, quant_cfg: list[dict[str, Any]]) -> nn.Module:
-    """Insert modelopt quantizers in place and apply ``quant_cfg``; no calibration."""
+def _quant_silu_cls() -> type[nn.Module]:
+    """``nn.SiLU`` with a quantizer on ``sigmoid(x)`` (``sigmoid_quantizer``) between the Sigmoid and the Mul the
+    ONNX export writes for it, so ONNX Runtime can run both as QLinearSigmoid / QLinearMul."""
+    from modelopt.torch.quantization.nn import QuantInputBase, TensorQuantizer
+
+    class QuantSiLU(QuantInputBase):
+        sigmoid_quantizer: TensorQuantizer
+
+        def _setup(self) -> None:
+            super()._setup()
+            self._register_temp_attribute("sigmoid_quantizer", TensorQuantizer(self.default_quant_desc_output))
+            self.sigmoid_quantizer.disable()
+
+        def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - modelopt's signature
+            x = self.input_quantizer(input)
+            return self.output_quantizer(x * self.sigmoid_quantizer(torch.sigmoid(x)))
+
+    return QuantSiLU
+
+
+def quantize_modules(model: nn.Module, quant_cfg: list[dict[str, Any]], activations: bool = False) -> nn.Module:
+    """Insert modelopt quantizers in place and apply ``quant_cfg``; no calibration.
+
+    ``activations``: also swap every ``nn.ReLU`` for modelopt's ``QuantInputBase`` twin (``input_quantizer`` /
+    ``output_quantizer``; ``parent_class`` ``"ReLU"`` in ``quant_cfg``) and every ``nn.SiLU`` for a twin with a
+    ``sigmoid_quantizer`` too (``"SiLU"``). modelopt's registration is process-wide, so it is undone
+    afterwards: other models keep plain activations.
+    """
     mtq = _mtq()
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # modelopt prints "Inserted N quantizers" on stdout
-        model = mtq.quantize(model, {"quant_cfg": quant_cfg, "algorithm": None})
+    if activations:
+        from modelopt.torch.quantization.nn import QuantInputBase
+
+        mtq.register(original_cls=nn.ReLU, quantized_cls=QuantInputBase)
+        mtq.register(original_cls=nn.SiLU, quantized_cls=_quant_silu_cls())
+    try:
+        with contextlib.redirect_stdout(printed):  # modelopt prints "Inserted N quantizers" on stdout
+            model = mtq.quantize(model, {"quant_cfg": quant_cfg, "algorithm": None})
+    finally:
+        if activations:
+            mtq.unregister(nn.ReLU)
+            mtq.unregister(nn.SiLU)
     logger.debug("modelopt: %s", printed.getvalue().strip())
     return model
 

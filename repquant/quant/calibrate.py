@@ -18,7 +18,15 @@ from repquant.errors import CalibrationError, ModelError
 from repquant.quant import _modelopt
 from repquant.quant.calibrators import CalibrationOptions, ForwardLoop, get_calibrator
 from repquant.quant.config import QuantConfig
-from repquant.quant.placement import QuantPlacement, residual_skip, skip_quantizer_name, trace
+from repquant.quant.placement import (
+    QuantPlacement,
+    pool_output_quantizer_name,
+    relu_quantizer_name,
+    residual_skip,
+    sigmoid_quantizer_name,
+    skip_quantizer_name,
+    trace,
+)
 
 _M = TypeVar("_M", bound=nn.Module)
 
@@ -76,6 +84,11 @@ def _quant_cfg(config: QuantConfig) -> list[dict[str, Any]]:
     if config.quantize_conv_outputs:
         for parent in ("nn.Conv2d", "nn.ConvTranspose2d"):
             cfg.append({"quantizer_name": "*output_quantizer", "parent_class": parent, "cfg": act})
+    if config.quantize_relu_outputs:
+        unsigned = {**act, "unsigned": True}
+        cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "ReLU", "cfg": unsigned})
+        cfg.append({"quantizer_name": "*sigmoid_quantizer", "parent_class": "SiLU", "cfg": unsigned})
+        cfg.append({"quantizer_name": "*output_quantizer", "parent_class": "nn.MaxPool2d", "cfg": act})
     return cfg
 
 
@@ -84,7 +97,25 @@ def _wanted_quantizers(placement: QuantPlacement, config: QuantConfig) -> set[st
     if config.quantize_conv_outputs:
         convs = [ly.name for ly in placement.layers if ly.kind in ("conv", "conv_transpose")]
         names |= {f"{name}.output_quantizer" for name in convs}
+    if config.quantize_relu_outputs:  # the ReLU's quantizer replaces the conv's
+        names -= {f"{conv}.output_quantizer" for conv, _ in placement.relu_after}
+        names |= {relu_quantizer_name(relu) for _, relu in placement.relu_after}
+        names |= {sigmoid_quantizer_name(silu) for _, silu in placement.silu_after}
+        names |= {pool_output_quantizer_name(ly.name) for ly in placement.layers if ly.kind == "maxpool"}
     return names
+
+
+def float_layer_quantizers(placement: QuantPlacement, layers: Iterable[str]) -> list[str]:
+    """What keep-float ``layers`` leave in float under the ONNX Runtime layout's placement 2: their own quantizers,
+    the ReLU / sigmoid quantizer of their output, and the ReLU quantizer of the tensor they read (then the other
+    readers of that tensor quantize it themselves). A keep-float conv must read a float tensor: ONNX Runtime
+    gives a conv whose input comes from a DequantizeLinear per-tensor INT8 weights of its own
+    (WeightBiasQuantization), which would undo the keep-float."""
+    relu_of, silu_of = dict(placement.relu_after), dict(placement.silu_after)
+    names = list(layers)
+    return (names + [relu_quantizer_name(relu_of[n]) for n in names if n in relu_of]
+            + [sigmoid_quantizer_name(silu_of[n]) for n in names if n in silu_of]
+            + [relu_quantizer_name(relu) for layer, relu in placement.relu_readers if layer in names])
 
 
 def insert_quantizers(model: _M, placement: QuantPlacement, config: QuantConfig) -> _M:
@@ -93,13 +124,13 @@ def insert_quantizers(model: _M, placement: QuantPlacement, config: QuantConfig)
     In place; returns ``model``. Conv / ConvTranspose / MaxPool modules become modelopt quantized
     modules (same FQNs); blocks with residual adds become GraphModules with a ``skip_quantizer``.
     """
-    quant_cfg = _quant_cfg(config)
+    quant_cfg, relu = _quant_cfg(config), config.quantize_relu_outputs  # ReLU and SiLU quantizers
     # Convert modules first: modelopt treats a model that already holds a TensorQuantizer as
     # quantized and would skip the conversion. Re-applying the config then sets the skip quantizers.
-    _modelopt.quantize_modules(model, quant_cfg)
+    _modelopt.quantize_modules(model, quant_cfg, relu)
     if any(q.role == "skip" for q in placement.quantizers):
         _insert_skip_quantizers(model, placement, config.num_bits)
-        _modelopt.quantize_modules(model, quant_cfg)
+        _modelopt.quantize_modules(model, quant_cfg, relu)
     wanted = _wanted_quantizers(placement, config)
     quantizers = dict(_modelopt.iter_quantizers(model))
     missing = sorted(wanted - quantizers.keys())
@@ -110,8 +141,11 @@ def insert_quantizers(model: _M, placement: QuantPlacement, config: QuantConfig)
     for name, q in quantizers.items():
         if name not in wanted:
             q.disable()  # excluded layers (DFL), pools outside the placement, conv outputs
+        elif relu and name in placement.nonnegative:
+            q.unsigned = True  # the tensor is >= 0: all 8 bits over [0, amax], as the ReLU quantizer
     if config.keep_float_layers:
-        disable_quantizers(model, config.keep_float_layers)
+        keep = config.keep_float_layers
+        disable_quantizers(model, float_layer_quantizers(placement, keep) if relu else keep)
     return model
 
 

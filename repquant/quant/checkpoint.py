@@ -19,7 +19,7 @@ from repquant.errors import CheckpointError
 from repquant.io import read_safetensors_metadata
 from repquant.models.yolov6 import YOLOv6
 from repquant.quant.calibrate import insert_quantizers, restore_amax
-from repquant.quant.config import QuantConfig
+from repquant.quant.config import QuantConfig, with_layout
 from repquant.quant.placement import find_placement
 
 QUANT_METADATA_KEY = "repquant_quant"
@@ -40,8 +40,8 @@ def load_quantized_model(path: str | os.PathLike) -> tuple[YOLOv6, dict[str, Any
         raise CheckpointError(f"{path}: not a quantized checkpoint (no {QUANT_METADATA_KEY} metadata)")
     float_state = {k: v for k, v in state.items() if "_quantizer." not in k}
     model = model_from_state(path, float_state, metadata)
-    config = QuantConfig(keep_float_layers=tuple(info["keep_float_layers"]),
-                         quantize_conv_outputs=info.get("layout") == "ort")
+    config = with_layout(QuantConfig(keep_float_layers=tuple(info["keep_float_layers"])), info.get("layout"),
+                         int(info.get("ort_placement", 1)))
     insert_quantizers(model, find_placement(model), config)
     restore_amax(model, state)
     try:

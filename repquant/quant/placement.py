@@ -9,6 +9,9 @@ hand-written layer lists. Rules (REFERENCE.md, "TensorRT explicit quantization r
 - shared scales: all consumers of one tensor share one scale, and so do all inputs and the output
   of a ``Concat`` and the input and output of a ``MaxPool`` (both commute with quantization);
 - layers matching ``exclude`` (the DFL projection, ``*dfl*``) are never quantized.
+Also found, for layouts that quantize tensors rather than consumers (ONNX Runtime): each quantized conv whose
+only consumer is an ``nn.ReLU`` (``relu_after``), and the activation quantizers whose input is provably
+non-negative (a ReLU output, or a MaxPool / Concat of such tensors: ``nonnegative``).
 Quantizer names are the modelopt names: ``<layer>.input_quantizer``, ``<layer>.weight_quantizer``,
 and ``<block>.skip_quantizer`` (``skip_quantizer_1`` ...) for the residual adds of ``<block>``.
 """
@@ -56,7 +59,12 @@ class QuantPlacement:
 
     layers: tuple[QuantLayer, ...]
     quantizers: tuple[QuantizerSpec, ...]
+    # Groups that share one scale; they also name the ReLU quantizers only the ONNX Runtime layout inserts.
     shared_groups: tuple[tuple[str, ...], ...]
+    relu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the ReLU that is its only consumer)
+    silu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the SiLU that is its only consumer)
+    relu_readers: tuple[tuple[str, str], ...] = ()  # (layer FQN, FQN of a relu_after ReLU whose output it reads)
+    nonnegative: tuple[str, ...] = ()  # activation quantizers whose input is >= 0 by construction
 
     def names(self, role: str | None = None) -> list[str]:
         """Quantizer FQNs, optionally only those of one role."""
@@ -157,14 +165,21 @@ def find_placement(model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE)
     reads: dict[str, list[fx.Node]] = {}
     tensors = _UnionFind()
     add_count: dict[str, int] = {}
+    relu_after, silu_after = dict[str, str](), dict[str, str]()
+    nonnegative: set[fx.Node] = set()
 
     def add_quantizer(spec: QuantizerSpec, tensor: fx.Node | None) -> None:
         specs.setdefault(spec.name, spec)
-        if tensor is not None:
-            reads.setdefault(spec.name, []).append(tensor)
-
+        reads.setdefault(spec.name, []).extend([tensor] if tensor is not None else [])
     for node in graph.nodes:
-        if node.op == "call_module":
+        if node.op == "call_module" and isinstance(modules[str(node.target)], nn.ReLU):
+            nonnegative.add(node)
+            if (conv := _only_consumer_of_conv(node, layers)) is not None:
+                relu_after[conv] = str(node.target)  # its quantizer reads the ReLU's tensor: the readers' scale
+                reads.setdefault(relu_quantizer_name(str(node.target)), []).append(node)
+        elif node.op == "call_module" and isinstance(modules[str(node.target)], nn.SiLU):
+            silu_after.update({c: str(node.target) for c in [_only_consumer_of_conv(node, layers)] if c})
+        elif node.op == "call_module":
             name, mod = str(node.target), modules[str(node.target)]
             if _excluded(name, exclude) or not isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d)):
                 continue
@@ -174,16 +189,18 @@ def find_placement(model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE)
                 add_quantizer(QuantizerSpec(f"{name}.input_quantizer", name, "input", None), src)
                 if src is not None:
                     tensors.union(src, node)  # max commutes with a monotone quantizer: one scale
+                    nonnegative.update([node] if src in nonnegative else [])
+                    reads.setdefault(pool_output_quantizer_name(name), []).append(node)  # ORT layout only
                 continue
             transpose = isinstance(mod, nn.ConvTranspose2d)
             layers.setdefault(name, QuantLayer(name, "conv_transpose" if transpose else "conv"))
-            weight_axis = 1 if transpose else 0
-            add_quantizer(QuantizerSpec(f"{name}.weight_quantizer", name, "weight", weight_axis), None)
+            add_quantizer(QuantizerSpec(f"{name}.weight_quantizer", name, "weight", 1 if transpose else 0), None)
             add_quantizer(QuantizerSpec(f"{name}.input_quantizer", name, "input", None), src)
         elif node.op == "call_function" and node.target in _CAT_TARGETS:
             for arg in node.args[0]:
                 if isinstance(arg, fx.Node):
                     tensors.union(arg, node)
+            nonnegative.update([node] if all(a in nonnegative for a in node.args[0]) else [])
         elif node.op == "call_function" and (skip := residual_skip(node)) is not None:
             owner = _owner(node)
             if _excluded(owner, exclude):
@@ -195,7 +212,43 @@ def find_placement(model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE)
             add_count[owner] = index + 1
             layers.setdefault(owner, QuantLayer(owner, "add"))
             add_quantizer(QuantizerSpec(f"{owner}.{skip_quantizer_name(index)}", owner, "skip", None), skip)
-    return QuantPlacement(tuple(layers.values()), tuple(specs.values()), _shared_groups(reads, tensors))
+    return QuantPlacement(tuple(layers.values()), tuple(specs.values()), _shared_groups(reads, tensors),
+                          tuple(relu_after.items()), tuple(silu_after.items()), _relu_readers(specs, reads, relu_after),
+                          tuple(q for q, nodes in reads.items() if nodes and all(n in nonnegative for n in nodes)))
+
+
+def _relu_readers(specs: dict[str, QuantizerSpec], reads: dict[str, list[fx.Node]],
+                  relu_after: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    relus = set(relu_after.values())
+    return tuple(sorted({(specs[q].layer, str(n.target)) for q, nodes in reads.items() for n in nodes
+                         if q in specs and n.op == "call_module" and str(n.target) in relus}))
+
+
+def sigmoid_quantizer_name(silu: str) -> str:
+    """The quantizer of ``sigmoid(x)`` inside a SiLU (``x * sigmoid(x)``)."""
+    return f"{silu}.sigmoid_quantizer"
+
+
+def pool_output_quantizer_name(pool: str) -> str:
+    """The output quantizer of a MaxPool (ONNX Runtime layout: lets the pool run on INT8 between Q and DQ)."""
+    return f"{pool}.output_quantizer"
+
+
+def relu_quantizer_name(relu: str) -> str:
+    """The quantizer of a ReLU's output (modelopt's name for the output quantizer of a quantized module)."""
+    return f"{relu}.output_quantizer"
+
+
+def _only_consumer_of_conv(node: fx.Node, layers: dict[str, QuantLayer]) -> str | None:
+    """The quantized conv whose output only ``node`` (an activation module called once) reads, else None.
+    (A module called on several tensors has one quantizer: it would force one scale on all of them.)"""
+    src = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    if src is None or src.op != "call_module" or len(src.users) != 1:
+        return None
+    if sum(1 for n in node.graph.nodes if n.op == "call_module" and n.target == node.target) != 1:
+        return None
+    conv = str(src.target)
+    return conv if conv in layers and layers[conv].kind in ("conv", "conv_transpose") else None
 
 
 def _shared_groups(reads: dict[str, list[fx.Node]], tensors: _UnionFind) -> tuple[tuple[str, ...], ...]:

@@ -170,6 +170,8 @@ def activations_to_uint8(proto: onnx.ModelProto) -> int:
             continue
         if node.input[0] in initializers or node.input[0] in weight_q:
             continue
+        if _initializer_or_constant(proto, node.input[2]).dtype == np.uint8:
+            continue  # an unsigned quantizer (ReLU outputs): already uint8 with zero point 0
         zero_point = f"{node.name or node.output[0]}_zero_point_u8"
         graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), zero_point))
         node.input[2] = zero_point
@@ -178,6 +180,56 @@ def activations_to_uint8(proto: onnx.ModelProto) -> int:
     for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
         graph.node.remove(node)
     return changed
+
+
+def _qdq_params(proto: onnx.ModelProto, node: onnx.NodeProto) -> tuple[bytes, bytes, str, int | None]:
+    scale = _initializer_or_constant(proto, node.input[1])
+    zero_point = _initializer_or_constant(proto, node.input[2])
+    axis = next((a.i for a in node.attribute if a.name == "axis"), None) if scale.size > 1 else None
+    return scale.astype(np.float32).tobytes(), zero_point.tobytes(), str(zero_point.dtype), axis
+
+
+def _rewire(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for consumer in graph.node:
+        for i, value in enumerate(consumer.input):
+            if value == old:
+                consumer.input[i] = new
+
+
+def merge_repeated_qdq(proto: onnx.ModelProto) -> int:
+    """Quantize each tensor once, in place; returns how many Q/DQ nodes were removed. Two exact rewrites:
+    a QuantizeLinear of a DequantizeLinear with the same scale, zero point and axis returns the DQ's input
+    (``Q(DQ(q)) = q``), and Q (or DQ) nodes reading one tensor with the same parameters are one node.
+
+    With placement 2 of the ONNX Runtime layout a ReLU's quantizer and its consumers' input quantizers share
+    one scale, so the export repeats Q/DQ pairs that compute nothing; ORT removes such a pair only when the
+    DQ has a single consumer (its DoubleQDQPairsRemover), hence this pass. Graph outputs are never renamed.
+    """
+    graph, removed = proto.graph, 0
+    outputs = {o.name for o in graph.output}
+    changed = True
+    while changed:
+        changed = False
+        producers = {out: n for n in graph.node for out in n.output}
+        seen: dict[tuple[str, str, tuple[bytes, bytes, str, int | None]], str] = {}
+        for node in list(graph.node):
+            if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or len(node.input) < 3:
+                continue
+            if node.output[0] in outputs:
+                continue
+            params = _qdq_params(proto, node)
+            source = producers.get(node.input[0])
+            if node.op_type == "QuantizeLinear" and source is not None and source.op_type == "DequantizeLinear" \
+                    and len(source.input) >= 3 and _qdq_params(proto, source) == params:
+                _rewire(graph, node.output[0], source.input[0])
+            elif (key := (node.op_type, node.input[0], params)) in seen:
+                _rewire(graph, node.output[0], seen[key])
+            else:
+                seen[key] = node.output[0]
+                continue
+            graph.node.remove(node)
+            removed, changed = removed + 1, True
+    return removed
 
 
 def weights_to_int8(proto: onnx.ModelProto) -> int:

@@ -38,11 +38,18 @@ from tqdm import tqdm
 
 from repquant.errors import CalibrationError
 from repquant.quant import _modelopt
-from repquant.quant.calibrate import calibrate, insert_quantizers
+from repquant.quant.calibrate import calibrate, float_layer_quantizers, insert_quantizers
 from repquant.quant.config import QuantConfig
 from repquant.quant.graph_runner import GraphRunner, Substitute, function_of
 from repquant.quant.metrics import ErrorAccumulator, TorchErrorAccumulator, get_metric, metric_names, metric_values
-from repquant.quant.placement import QuantPlacement, find_placement, residual_skip, skip_quantizer_name
+from repquant.quant.placement import (
+    QuantPlacement,
+    find_placement,
+    relu_quantizer_name,
+    residual_skip,
+    sigmoid_quantizer_name,
+    skip_quantizer_name,
+)
 from repquant.quant.sensitivity_progress import SweepProgress, sweep_key
 from repquant.vocab import MODES
 
@@ -174,14 +181,21 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def set_enabled_layers(qmodel: nn.Module, placement: QuantPlacement, layers: Iterable[str] | None) -> None:
+def set_enabled_layers(qmodel: nn.Module, placement: QuantPlacement, layers: Iterable[str] | None,
+                       as_keep_float: bool = False) -> None:
     """Enable only the quantizers of ``layers`` (None: every placement layer) that calibration enabled,
     output quantizers (ORT layout) included.
 
-    Quantizers of keep-float layers (``amax`` never set) stay disabled.
+    Quantizers of keep-float layers (``amax`` never set) stay disabled. ``as_keep_float``: the other layers are
+    left float as ``QuantConfig.keep_float_layers`` leaves them (``float_layer_quantizers``), so the model
+    computes what the exported keep-float file computes.
     """
     chosen = {ly.name for ly in placement.layers} if layers is None else set(layers)
     wanted = {q.name for q in placement.quantizers if q.layer in chosen} | {f"{n}.output_quantizer" for n in chosen}
+    wanted |= {relu_quantizer_name(relu) for conv, relu in placement.relu_after if conv in chosen}
+    wanted |= {sigmoid_quantizer_name(silu) for conv, silu in placement.silu_after if conv in chosen}
+    if as_keep_float:
+        wanted -= set(float_layer_quantizers(placement, [ly.name for ly in placement.layers if ly.name not in chosen]))
     for name, q in _modelopt.iter_quantizers(qmodel):
         calibrated = getattr(q, "_amax", None) is not None
         if name in wanted and calibrated:

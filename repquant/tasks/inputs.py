@@ -13,7 +13,7 @@ from repquant.data import DataConfig, load_data_config
 from repquant.data.calib import CalibManifest, calibration_batches
 from repquant.deploy.resolve import ModelHandle, open_model
 from repquant.models import YOLOv6
-from repquant.quant.config import QuantConfig
+from repquant.quant.config import QuantConfig, with_layout
 from repquant.quant.ranking import KeepFloatRanking
 
 
@@ -41,8 +41,8 @@ def load_quant_inputs(cfg: Any, batch_size: int = 2) -> QuantInputs:
 
 def quant_config_of(cfg: Any, keep: tuple[str, ...] = (), layout: str | None = None) -> QuantConfig:
     """The ``QuantConfig`` of a task config (calibration fields), keeping ``keep`` float, in ``layout``."""
-    return QuantConfig(calib_method=cfg.calib_method, percentile=cfg.percentile, num_calib_images=cfg.calib_images,
-                       keep_float_layers=keep, quantize_conv_outputs=layout == "ort")
+    return with_layout(QuantConfig(calib_method=cfg.calib_method, percentile=cfg.percentile,
+                                   num_calib_images=cfg.calib_images, keep_float_layers=keep), layout)
 
 
 def ranking_of(cfg: Any) -> KeepFloatRanking:

@@ -41,7 +41,7 @@ from repquant.models import YOLOv6
 from repquant.outputs import check_run_folder
 from repquant.provenance import model_identity
 from repquant.quant.calibrate import calibrate, insert_quantizers, restore_amax, unify_shared_scales
-from repquant.quant.config import QuantConfig, quant_info
+from repquant.quant.config import ORT_PLACEMENT, QuantConfig, quant_info
 from repquant.quant.placement import QuantPlacement, find_placement
 from repquant.quant.report import result_to_dict, write_json
 from repquant.quant.sensitivity import layer_sensitivity
@@ -58,7 +58,7 @@ __all__ = ["QuantizeConfig", "QuantizeResult", "run"]
 logger = logging.getLogger("repquant.quantize")
 PARITY_BATCHES = 2
 FINAL_ONNX = "int8.onnx"
-QDQ_FORMAT = 2  # in the keys of stages that write QDQ files: 2 = INT8 weight initializers
+QDQ_FORMAT = 3  # in the keys of stages that write QDQ files: 2 = INT8 weight initializers, 3 = ORT placement 2
 SPEED_METHOD = "interleaved, 3 rounds, iters split"  # in the speed stage's key: a new method measures again
 
 
@@ -154,7 +154,7 @@ def _calibration(run: _Run) -> dict[str, Any]:
         return {"amax": run.rel(path), "sha256": file_sha256(path), "quantizers": len(amax),
                 "calibration": run.inputs.calibration}
 
-    key = stage_key(run.identity, cfg.layout, cfg.calib_method, cfg.percentile)
+    key = stage_key(run.identity, cfg.layout, cfg.calib_method, cfg.percentile, ORT_PLACEMENT)
     return run.cache.run("calibration", key, compute,
                          lambda r: f"{r['quantizers']} quantizers calibrated ({cfg.calib_method}) on "
                                    f"{r['calibration'].get('num_images')} train images", lambda r: [r["amax"]])

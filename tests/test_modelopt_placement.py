@@ -25,7 +25,7 @@ from repquant.deploy.qdq import QDQExport, export_quantized_onnx
 from repquant.models import create_model
 from repquant.quant import QuantConfig, calibrate, find_placement, insert_quantizers
 from repquant.quant.config import quant_info
-from repquant.quant.qdq_export import QuantizedInput, quantized_inputs
+from repquant.quant.qdq_inspect import QuantizedInput, quantized_inputs
 from repquant.reparam import reparameterize
 
 IMG = 96

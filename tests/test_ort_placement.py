@@ -92,12 +92,14 @@ def test_keep_float_conv_leaves_its_weights_and_output_float(model_and_images, t
     assert not states[f"{KEEP}.weight_quantizer"].enabled and not states[f"{relu}.output_quantizer"].enabled
     consumer = "backbone.ERBlock_3.1.conv1.rbr_reparam.input_quantizer"  # reads the ReLU's output
     assert states[consumer].enabled and states[consumer].unsigned
-    upstream = "backbone.ERBlock_2.1.block.0.act.output_quantizer"  # the ReLU tensor the kept conv reads
-    assert not states[upstream].enabled  # read in float by the kept conv: see float_layer_quantizers
+    upstream = states["backbone.ERBlock_2.1.block.0.act.output_quantizer"]  # the tensor the kept conv reads
+    assert upstream.enabled  # stays the INT8 tensor its other readers share
     path = _export(qmodel, config, tmp_path / "keep.onnx")
+    nodes = onnx.load(str(path)).graph.node
+    kept = next(n for n in nodes if n.op_type == "Conv" and n.input[1] == f"model.{KEEP}.weight")
+    assert kept.input[0].endswith("_float_read")  # the guard ReLU: ORT cannot requantize the float weights
     ops = ort_optimized_op_counts(path, tmp_path / "keep.opt.onnx")
-    # the kept conv and its producer (whose output tensor is now float) run in float, nothing else
-    assert ops["Conv"] + ops["FusedConv"] == 2 and ops["QLinearConv"] == 67, ops
+    assert ops["Conv"] + ops["FusedConv"] == 1 and ops["QLinearConv"] == 68, ops  # exactly the kept conv in float
     parity = qdq_parity(qmodel, path, images[:2])
     assert parity.exact(enough_db=50.0), parity.describe()
 

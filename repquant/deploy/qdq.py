@@ -2,13 +2,15 @@
 ONNX Runtime parity check every export gets.
 
 Layouts (``repquant.vocab.LAYOUTS``): ``tensorrt`` (inputs + weights quantized; TensorRT fuses the rest)
-and ``ort`` (also every quantized conv's output, which ONNX Runtime's CPU QDQ fusion needs to run integer
-``QLinearConv``, with uint8 activations as ORT's x86 kernels want them).
+and ``ort`` (placement 2: every quantized tensor once, ReLU / SiLU / MaxPool outputs included, which ONNX
+Runtime's CPU QDQ fusion needs to run integer ``QLinearConv`` and friends, with uint8 activations as ORT's x86
+kernels want them; see docs/quantize.md).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +31,12 @@ from repquant.quant.qdq_export import (
     activations_to_uint8,
     convs_to_fp16,
     export_qdq_onnx,
+    guard_float_convs,
     merge_repeated_qdq,
     weights_to_int8,
 )
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,9 @@ def export_quantized_onnx(qmodel: nn.Module, path: str | os.PathLike, how: QDQEx
     if how.uint8_activations:
         activations_to_uint8(proto)
         merge_repeated_qdq(proto)
+        if unguarded := guard_float_convs(proto):  # not seen in YOLOv6 graphs; said, not hidden
+            logger.warning("%s: ONNX Runtime may give these float convs INT8 weights of its own: %s", path,
+                           ", ".join(unguarded[:5]))
     weights_to_int8(proto)  # after the FP16 rewrite, which reads float weights
     metadata = export_metadata(qmodel.config, img_hw, 0 if how.dynamic_batch else 1)
     metadata["repquant_quant"] = json.dumps(how.info, sort_keys=True)

@@ -15,13 +15,8 @@ from repquant.quant.calibrate import (
 from repquant.quant.config import QuantConfig
 from repquant.quant.metrics import ErrorAccumulator, ErrorStats, cosine, mse, snr_db
 from repquant.quant.placement import QuantizerSpec, QuantLayer, QuantPlacement, find_placement
-from repquant.quant.qdq_export import (
-    activations_to_uint8,
-    convs_to_fp16,
-    export_qdq_onnx,
-    ort_optimized_op_counts,
-    qdq_nodes,
-)
+from repquant.quant.qdq_export import activations_to_uint8, convs_to_fp16, export_qdq_onnx
+from repquant.quant.qdq_inspect import ort_optimized_op_counts, qdq_nodes
 
 __all__ = [
     "ErrorAccumulator",

@@ -106,16 +106,13 @@ def _wanted_quantizers(placement: QuantPlacement, config: QuantConfig) -> set[st
 
 
 def float_layer_quantizers(placement: QuantPlacement, layers: Iterable[str]) -> list[str]:
-    """What keep-float ``layers`` leave in float under the ONNX Runtime layout's placement 2: their own quantizers,
-    the ReLU / sigmoid quantizer of their output, and the ReLU quantizer of the tensor they read (then the other
-    readers of that tensor quantize it themselves). A keep-float conv must read a float tensor: ONNX Runtime
-    gives a conv whose input comes from a DequantizeLinear per-tensor INT8 weights of its own
-    (WeightBiasQuantization), which would undo the keep-float."""
+    """What keep-float ``layers`` leave in float under the ONNX Runtime layout's placement 2: their own quantizers
+    and the ReLU / sigmoid quantizer of their output (whose readers then quantize it themselves). The tensor they
+    read stays the INT8 tensor its other readers share (the export guards the read: ``guard_float_convs``)."""
     relu_of, silu_of = dict(placement.relu_after), dict(placement.silu_after)
     names = list(layers)
     return (names + [relu_quantizer_name(relu_of[n]) for n in names if n in relu_of]
-            + [sigmoid_quantizer_name(silu_of[n]) for n in names if n in silu_of]
-            + [relu_quantizer_name(relu) for layer, relu in placement.relu_readers if layer in names])
+            + [sigmoid_quantizer_name(silu_of[n]) for n in names if n in silu_of])
 
 
 def insert_quantizers(model: _M, placement: QuantPlacement, config: QuantConfig) -> _M:

@@ -63,7 +63,6 @@ class QuantPlacement:
     shared_groups: tuple[tuple[str, ...], ...]
     relu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the ReLU that is its only consumer)
     silu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the SiLU that is its only consumer)
-    relu_readers: tuple[tuple[str, str], ...] = ()  # (layer FQN, FQN of a relu_after ReLU whose output it reads)
     nonnegative: tuple[str, ...] = ()  # activation quantizers whose input is >= 0 by construction
 
     def names(self, role: str | None = None) -> list[str]:
@@ -213,15 +212,8 @@ def find_placement(model: nn.Module, exclude: tuple[str, ...] = DEFAULT_EXCLUDE)
             layers.setdefault(owner, QuantLayer(owner, "add"))
             add_quantizer(QuantizerSpec(f"{owner}.{skip_quantizer_name(index)}", owner, "skip", None), skip)
     return QuantPlacement(tuple(layers.values()), tuple(specs.values()), _shared_groups(reads, tensors),
-                          tuple(relu_after.items()), tuple(silu_after.items()), _relu_readers(specs, reads, relu_after),
+                          tuple(relu_after.items()), tuple(silu_after.items()),
                           tuple(q for q, nodes in reads.items() if nodes and all(n in nonnegative for n in nodes)))
-
-
-def _relu_readers(specs: dict[str, QuantizerSpec], reads: dict[str, list[fx.Node]],
-                  relu_after: dict[str, str]) -> tuple[tuple[str, str], ...]:
-    relus = set(relu_after.values())
-    return tuple(sorted({(specs[q].layer, str(n.target)) for q, nodes in reads.items() for n in nodes
-                         if q in specs and n.op == "call_module" and str(n.target) in relus}))
 
 
 def sigmoid_quantizer_name(silu: str) -> str:

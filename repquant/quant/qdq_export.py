@@ -10,8 +10,6 @@ so export goes through ``torch.onnx.export(..., dynamo=False)``. modelopt writes
 from __future__ import annotations
 
 import warnings
-from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -229,7 +227,48 @@ def merge_repeated_qdq(proto: onnx.ModelProto) -> int:
                 continue
             graph.node.remove(node)
             removed, changed = removed + 1, True
+    _drop_unused_constants(graph)
     return removed
+
+
+def _drop_unused_constants(graph: onnx.GraphProto) -> None:
+    """Remove Constant nodes and initializers nothing reads any more (the scales of merged Q/DQ nodes)."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
+        graph.node.remove(node)
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+
+
+def guard_float_convs(proto: onnx.ModelProto) -> list[str]:
+    """Keep float-weight convs float in ONNX Runtime, in place; returns the convs it could not guard.
+
+    ORT's ``WeightBiasQuantization`` gives a Conv / ConvTranspose whose input comes straight from a
+    DequantizeLinear and whose weight is a float initializer per-tensor INT8 weights of its own, silently undoing
+    a keep-float layer. A ``Relu`` between them hides the DQ and changes nothing when the DQ is unsigned with zero
+    point 0 (its values are >= 0): that is every tensor a keep-float conv reads under placement 2. Any other DQ
+    cannot be guarded exactly and is reported.
+    """
+    graph = proto.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    initializers = {i.name: i for i in graph.initializer}
+    unguarded: list[str] = []
+    for node in list(graph.node):
+        weight = initializers.get(node.input[1]) if node.op_type in ("Conv", "ConvTranspose") else None
+        if weight is None or weight.data_type != onnx.TensorProto.FLOAT:
+            continue
+        source = producers.get(node.input[0])
+        if source is None or source.op_type != "DequantizeLinear":
+            continue
+        zero_point = _initializer_or_constant(proto, source.input[2]) if len(source.input) > 2 else None
+        if zero_point is None or zero_point.dtype != np.uint8 or zero_point.any():
+            unguarded.append(node.name)
+            continue
+        guarded = f"{node.input[0]}_float_read"
+        graph.node.insert(list(graph.node).index(node),
+                          onnx.helper.make_node("Relu", [node.input[0]], [guarded], name=f"{node.name}_float_read"))
+        node.input[0] = guarded
+    return unguarded
 
 
 def weights_to_int8(proto: onnx.ModelProto) -> int:
@@ -288,89 +327,3 @@ def _constant_values(tensor: object) -> np.ndarray | None:
     while isinstance(tensor, gs.Variable) and len(tensor.inputs) == 1 and tensor.inputs[0].op == "Identity":
         tensor = tensor.inputs[0].inputs[0]
     return np.asarray(tensor.values) if isinstance(tensor, gs.Constant) else None
-
-
-def qdq_nodes(proto: onnx.ModelProto) -> list[dict[str, object]]:
-    """Every QuantizeLinear / DequantizeLinear: op, input tensor name, axis, zero-point dtype."""
-    nodes = proto.graph.node
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
-    consts.update({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer})
-    rows: list[dict[str, object]] = []
-    for node in proto.graph.node:
-        if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
-            continue
-        axis = next((a.i for a in node.attribute if a.name == "axis"), None)
-        zp = consts.get(node.input[2]) if len(node.input) > 2 else None
-        scale = consts.get(node.input[1])
-        rows.append({
-            "op": node.op_type, "input": node.input[0], "axis": axis,
-            "zero_point_dtype": None if zp is None else zp.dtype,
-            "zero_point_max_abs": None if zp is None else int(np.abs(zp.astype(np.int64)).max()),
-            "num_scales": None if scale is None else int(np.asarray(scale).size),
-        })
-    return rows
-
-
-def ort_optimized_op_counts(onnx_path: str | Path, optimized_path: str | Path) -> Counter[str]:
-    """Optimize with ONNX Runtime (CPU, ``ORT_ENABLE_ALL``), save the result, count its op types.
-
-    QDQ fusion turns ``DQ -> Conv -> Q`` into ``QLinearConv`` (integer execution).
-    """
-    import onnxruntime as ort  # imported here: only this check needs it
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.optimized_model_filepath = str(optimized_path)
-    options.log_severity_level = 3  # the optimized-model hardware warning is expected
-    ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    return Counter(n.op_type for n in onnx.load(str(optimized_path)).graph.node)
-
-
-@dataclass(frozen=True)
-class QuantizedInput:
-    """One operator input fed by a DequantizeLinear: the float ``tensor`` behind the Q/DQ (a weight
-    initializer name, or the activation's producer output), its ``kind`` (weight or activation), the
-    per-channel ``axis`` (None: per tensor) and the number of scales."""
-
-    tensor: str
-    kind: str
-    axis: int | None
-    num_scales: int
-
-
-_PASS_THROUGH = ("QuantizeLinear", "DequantizeLinear", "Identity", "Cast")
-
-
-def quantized_inputs(proto: onnx.ModelProto) -> dict[tuple[str, int], QuantizedInput]:
-    """Which inputs of which operators a QDQ graph quantizes: ``{(node name, input index): QuantizedInput}``.
-
-    The placement of two QDQ files of one network compares by these keys (the exporters name nodes by module
-    path), whatever tool wrote the Q/DQ nodes and however it spelled weights and scales.
-    """
-    graph = proto.graph
-    producers = {out: node for node in graph.node for out in node.output}
-    initializers = {i.name for i in graph.initializer}
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
-
-    def source(tensor: str) -> tuple[str, bool]:
-        node = producers.get(tensor)
-        while node is not None and node.op_type in _PASS_THROUGH:
-            tensor = node.input[0]
-            node = producers.get(tensor)
-        return tensor, tensor in initializers or (node is not None and node.op_type == "Constant")
-
-    found: dict[tuple[str, int], QuantizedInput] = {}
-    for node in graph.node:
-        if node.op_type in (*_PASS_THROUGH, "Constant"):
-            continue
-        for index, value in enumerate(node.input):
-            dq = producers.get(value)
-            if dq is None or dq.op_type != "DequantizeLinear":
-                continue
-            tensor, is_weight = source(dq.input[0])
-            scale = np.asarray(constants.get(dq.input[1], np.zeros(1)))
-            axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) if scale.size > 1 else None
-            found[(node.name, index)] = QuantizedInput(tensor, "weight" if is_weight else "activation", axis,
-                                                       int(scale.size))
-    return found

@@ -59,7 +59,8 @@ class QuantPlacement:
 
     layers: tuple[QuantLayer, ...]
     quantizers: tuple[QuantizerSpec, ...]
-    # Groups that share one scale; they also name the ReLU quantizers only the ONNX Runtime layout inserts.
+    # Groups that share one scale; they also name the ReLU and MaxPool output quantizers only the ONNX Runtime
+    # layout enables.
     shared_groups: tuple[tuple[str, ...], ...]
     relu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the ReLU that is its only consumer)
     silu_after: tuple[tuple[str, str], ...] = ()  # (conv FQN, FQN of the SiLU that is its only consumer)

@@ -65,10 +65,7 @@ def _drop_noop_casts(model: onnx.ModelProto) -> int:
         to = next(a.i for a in node.attribute if a.name == "to")
         if types.get(node.input[0]) != to:
             continue
-        for consumer in model.graph.node:
-            for i, value in enumerate(consumer.input):
-                if value == node.output[0]:
-                    consumer.input[i] = node.input[0]
+        _rewire(model.graph, node.output[0], node.input[0])
         model.graph.node.remove(node)
         dropped += 1
     return dropped
@@ -174,9 +171,7 @@ def activations_to_uint8(proto: onnx.ModelProto) -> int:
         graph.initializer.append(numpy_helper.from_array(np.array(128, dtype=np.uint8), zero_point))
         node.input[2] = zero_point
         changed += 1
-    used = {i for n in graph.node for i in n.input}
-    for node in [n for n in graph.node if n.op_type == "Constant" and n.output[0] not in used]:
-        graph.node.remove(node)
+    _drop_unused_constants(graph)  # the int8 zero points replaced
     return changed
 
 
@@ -297,15 +292,10 @@ def weights_to_int8(proto: onnx.ModelProto) -> int:
         name = f"{node.input[0]}_quantized"
         graph.initializer.append(numpy_helper.from_array(np.clip(q, info.min, info.max).astype(zero_point.dtype),
                                                          name))
-        for consumer in graph.node:
-            for i, value in enumerate(consumer.input):
-                if value == node.output[0]:
-                    consumer.input[i] = name
+        _rewire(graph, node.output[0], name)
         graph.node.remove(node)
         changed += 1
-    used = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_constants(graph)  # the float weights
     return changed
 
 

@@ -11,11 +11,16 @@ import onnx
 from onnx import numpy_helper
 
 
+def _constant_arrays(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Values of every Constant node output and initializer, by tensor name."""
+    arrays = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
+    arrays.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    return arrays
+
+
 def qdq_nodes(proto: onnx.ModelProto) -> list[dict[str, object]]:
     """Every QuantizeLinear / DequantizeLinear: op, input tensor name, axis, zero-point dtype."""
-    nodes = proto.graph.node
-    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in nodes if n.op_type == "Constant"}
-    consts.update({i.name: numpy_helper.to_array(i) for i in proto.graph.initializer})
+    consts = _constant_arrays(proto.graph)
     rows: list[dict[str, object]] = []
     for node in proto.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
@@ -71,8 +76,7 @@ def quantized_inputs(proto: onnx.ModelProto) -> dict[tuple[str, int], QuantizedI
     graph = proto.graph
     producers = {out: node for node in graph.node for out in node.output}
     initializers = {i.name for i in graph.initializer}
-    constants = {n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    constants.update({i.name: numpy_helper.to_array(i) for i in graph.initializer})
+    constants = _constant_arrays(graph)
 
     def source(tensor: str) -> tuple[str, bool]:
         node = producers.get(tensor)

@@ -164,7 +164,7 @@ def search_keep_float(model: nn.Module, qmodel: nn.Module, placement: QuantPlace
     try:
         for k in range(0, min(budget.max_keep_float, len(ranking)) + 1):
             float_layers = set(ranking[:k])
-            set_enabled_layers(qmodel, placement, [n for n in all_layers if n not in float_layers], as_keep_float=True)
+            set_enabled_layers(qmodel, placement, [n for n in all_layers if n not in float_layers])
             int8 = evaluate(DecodedDetector(qmodel, img_hw).eval(), val_dataset, progress=progress).map50_95
             evaluations.append({"k": k, "map50_95": int8, "drop": fp32 - int8})
             logger.info("ptq auto: K=%d keep-float -> mAP@.5:.95 %.4f (FP32 %.4f, drop %.4f)", k, int8, fp32,

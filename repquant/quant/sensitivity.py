@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from repquant.errors import CalibrationError
 from repquant.quant import _modelopt
-from repquant.quant.calibrate import calibrate, float_layer_quantizers, insert_quantizers
+from repquant.quant.calibrate import calibrate, insert_quantizers
 from repquant.quant.config import QuantConfig
 from repquant.quant.graph_runner import GraphRunner, Substitute, function_of
 from repquant.quant.metrics import ErrorAccumulator, TorchErrorAccumulator, get_metric, metric_names, metric_values
@@ -181,21 +181,17 @@ def _device(model: nn.Module) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def set_enabled_layers(qmodel: nn.Module, placement: QuantPlacement, layers: Iterable[str] | None,
-                       as_keep_float: bool = False) -> None:
+def set_enabled_layers(qmodel: nn.Module, placement: QuantPlacement, layers: Iterable[str] | None) -> None:
     """Enable only the quantizers of ``layers`` (None: every placement layer) that calibration enabled,
-    output quantizers (ORT layout) included.
+    output quantizers (ORT layout, a ReLU's or SiLU's included) included: the other layers are left float as
+    ``QuantConfig.keep_float_layers`` leaves them (``calibrate.float_layer_quantizers``).
 
-    Quantizers of keep-float layers (``amax`` never set) stay disabled. ``as_keep_float``: the other layers are
-    left float as ``QuantConfig.keep_float_layers`` leaves them (``float_layer_quantizers``), so the model
-    computes what the exported keep-float file computes.
+    Quantizers of keep-float layers (``amax`` never set) stay disabled.
     """
     chosen = {ly.name for ly in placement.layers} if layers is None else set(layers)
     wanted = {q.name for q in placement.quantizers if q.layer in chosen} | {f"{n}.output_quantizer" for n in chosen}
     wanted |= {relu_quantizer_name(relu) for conv, relu in placement.relu_after if conv in chosen}
     wanted |= {sigmoid_quantizer_name(silu) for conv, silu in placement.silu_after if conv in chosen}
-    if as_keep_float:
-        wanted -= set(float_layer_quantizers(placement, [ly.name for ly in placement.layers if ly.name not in chosen]))
     for name, q in _modelopt.iter_quantizers(qmodel):
         calibrated = getattr(q, "_amax", None) is not None
         if name in wanted and calibrated:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from repquant import vocab
-from repquant.errors import RepquantError
+from repquant.errors import ModelError, RepquantError
 
 
 @dataclass(frozen=True)
@@ -67,13 +67,17 @@ class Backend(Protocol):
     def open(self, source: Any, options: RunnerOptions) -> Runner: ...
 
 
-def images_as_numpy(images: Any) -> Any:
-    """``images`` (a torch tensor or array-like) as a contiguous float32 numpy array, for ONNX engines."""
+def images_as_numpy(images: Any, source: Any) -> Any:
+    """``images`` (a torch tensor or array-like, ``(B, 3, H, W)``) as a contiguous float32 numpy array, for the
+    ONNX engines; another shape is a ``ModelError`` naming ``source``."""
     import numpy as np
 
     if hasattr(images, "detach"):  # a torch tensor; avoids importing torch here
         images = images.detach().to("cpu").numpy()
-    return np.ascontiguousarray(images, dtype=np.float32)
+    array = np.ascontiguousarray(images, dtype=np.float32)
+    if array.ndim != 4 or array.shape[1] != 3:
+        raise ModelError(f"{source}: expected images of shape (B, 3, H, W), got {tuple(array.shape)}")
+    return array
 
 
 def seeded_images(batch: int, img_size: tuple[int, int] | None, source: Any) -> Any:

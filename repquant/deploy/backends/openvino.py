@@ -105,9 +105,7 @@ class OpenVinoRunner:
         return max(n for n in range(1, min(optimal, batch) + 1) if batch % n == 0)
 
     def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
-        array = images_as_numpy(images)
-        if array.ndim != 4 or array.shape[1] != 3:
-            raise ModelError(f"{self.path}: expected images of shape (B, 3, H, W), got {tuple(array.shape)}")
+        array = images_as_numpy(images, self.path)
         if self.img_size is None:
             self.img_size = (int(array.shape[2]), int(array.shape[3]))
         if tuple(array.shape[2:]) != tuple(self.img_size):
@@ -115,16 +113,9 @@ class OpenVinoRunner:
                              f"{array.shape[2]}x{array.shape[3]}")
         chunks = self._chunks(array.shape[0])
         if chunks == 1:
-            request = self._request(array.shape[0])
-            outputs = request.infer({0: array})
+            outputs = self._requests(array.shape[0], 1)[0].infer({0: array})
             return np.asarray(outputs[0]), np.asarray(outputs[1])
         return self._parallel(array, chunks)
-
-    def _request(self, batch: int) -> Any:
-        compiled = self._compile(batch)
-        if not hasattr(compiled, "_repquant_request"):
-            compiled._repquant_request = compiled.create_infer_request()
-        return compiled._repquant_request
 
     def _parallel(self, array: np.ndarray, chunks: int) -> tuple[np.ndarray, np.ndarray]:
         # Plain asynchronous requests, waited one by one: no Python callback runs on OpenVINO's threads (a
@@ -148,7 +139,6 @@ class OpenVinoRunner:
 
     def make_input(self, batch: int) -> np.ndarray:
         return seeded_images(batch, self.img_size, self.path)
-
 
 
 class OpenVinoBackend:

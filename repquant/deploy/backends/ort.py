@@ -95,9 +95,7 @@ class OrtDetector:
 
     def __call__(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """Run the session on ``images (B, 3, H, W)``; returns the two outputs as numpy arrays."""
-        array = images_as_numpy(images)
-        if array.ndim != 4 or array.shape[1] != 3:
-            raise ModelError(f"{self.path}: expected images of shape (B, 3, H, W), got {tuple(array.shape)}")
+        array = images_as_numpy(images, self.path)
         if self.img_size is not None and tuple(array.shape[2:]) != tuple(self.img_size):
             raise ModelError(
                 f"{self.path}: exported for {self.img_size[0]}x{self.img_size[1]} images, "
@@ -119,7 +117,6 @@ class OrtDetector:
             f"OrtDetector({str(self.path)!r}, img_size={self.img_size}, num_classes={self.num_classes}, "
             f"providers={self.session.get_providers()})"
         )
-
 
 
 
